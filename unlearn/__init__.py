@@ -1,0 +1,20 @@
+"""unlearn: make trained models forget, and measure how well they forgot and what else broke."""
+
+__version__ = "0.1.0"
+
+
+def run(recipe, overrides=(), **kwargs):
+    """Run a recipe (a path, a dict or a :class:`~unlearn.recipe.Recipe`); returns a RunResult.
+
+    Same as ``unlearn run RECIPE --set key=value ...`` on the command line.
+    """
+    from unlearn.runner import run as _run
+
+    return _run(recipe, overrides=overrides, **kwargs)
+
+
+def load_recipe(src, overrides=()):
+    """Load and validate a recipe; see :func:`unlearn.recipe.load_recipe`."""
+    from unlearn.recipe import load_recipe as _load
+
+    return _load(src, overrides)

@@ -1,0 +1,76 @@
+"""Command line: ``unlearn run RECIPE [--set key=value ...]``, ``unlearn zoo list|build``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _run(args) -> int:
+    import unlearn
+
+    res = unlearn.run(args.recipe, overrides=args.set or [], progress=not args.quiet)
+    s = res.summary
+    print(f"run written to {res.run_dir}")
+    for name in ("target", "unlearned", "retain"):
+        if name in s:
+            fq, mu = s[name]["forget_quality"], s[name]["model_utility"]
+            fq_s = "not computable" if fq is None else f"{fq:.3g}"
+            mu_s = "n/a" if mu is None else f"{mu:.4f}"
+            print(f"  {name:<10} forget quality {fq_s:>14}   model utility {mu_s}")
+    print(f"  wall time {s['wall_seconds']} s; report: {res.run_dir / 'report.md'}")
+    return 0
+
+
+def _zoo(args) -> int:
+    from unlearn import zoo
+
+    if args.zoo_cmd == "list":
+        found = zoo.available()
+        for fam, info in zoo.FAMILIES.items():
+            print(f"{fam}: {info['description']}")
+            for m in info["models"]:
+                p = found.get(f"{fam}/{m}")
+                print(f"  zoo:{fam}/{m:<10} {p if p else '(not built: unlearn zoo build ' + fam + ')'}")
+        return 0
+    if args.family not in zoo.FAMILIES:
+        raise ValueError(f"unknown zoo family {args.family!r}; known: {', '.join(zoo.FAMILIES)}")
+    import torch
+
+    from unlearn.zoo.build import build_family
+
+    torch.set_num_threads(args.threads)
+    out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
+    m = build_family(out)
+    print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="unlearn", description="Make trained models forget, and measure it.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe", help="path to a recipe YAML")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    z = sub.add_parser("zoo", help="the tiny model zoo")
+    zs = z.add_subparsers(dest="zoo_cmd", required=True)
+    zs.add_parser("list", help="list zoo models and where they are")
+    b = zs.add_parser("build", help="train a zoo family deterministically")
+    b.add_argument("family", nargs="?", default="tiny-llama")
+    b.add_argument("--out", help="output directory (default: the user cache)")
+    b.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        return _run(args) if args.cmd == "run" else _zoo(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no run directory was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Unlearning objectives: one file each, registered here explicitly."""
+
+from unlearn.objectives.base import Objective, ObjectiveConfig
+from unlearn.objectives.grad_ascent import GradAscent
+from unlearn.objectives.grad_diff import GradDiff
+from unlearn.objectives.idk_dpo import IdkDPO
+from unlearn.objectives.idk_nll import IdkNLL
+from unlearn.objectives.npo import NPO
+from unlearn.objectives.simnpo import SimNPO
+from unlearn.registry import Registry
+
+OBJECTIVES = Registry("objective")
+for _cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO):
+    OBJECTIVES.register(_cls.name, _cls)
+
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "GradAscent", "GradDiff", "NPO", "SimNPO", "IdkNLL", "IdkDPO"]

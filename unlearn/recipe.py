@@ -1,0 +1,399 @@
+"""Recipes: one YAML file = one runnable unlearning experiment, as typed dataclasses.
+
+A recipe names the model, the task (forget/retain/eval splits), the method (an objective and
+what it trains), the training loop, the evaluation and the output directory. Loading is
+strict: unknown keys, wrong types and impossible combinations are errors that name the key
+(see :mod:`unlearn.config`). ``docs/recipes.md`` is the reference of every key.
+
+    recipe = load_recipe("recipes/tofu_grad_diff.yaml", ["train.lr=1e-4"])
+    objective_cls, config = resolve_method(recipe)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+
+from unlearn.config import RecipeError, apply_overrides, from_dict, invalid, key_path, suggest, to_dict
+
+__all__ = [
+    "EVAL_SPLITS", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
+    "SelectionSpec", "TaskSpec", "TrainSpec", "WorldSpec", "load_recipe", "resolve_method",
+]
+
+# Evaluation splits a task provides (TOFU's sets; ``retain_eval`` plays retain_perturbed's role).
+EVAL_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts", "holdout")
+TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+
+_ZOO = re.compile(r"^zoo:[^/\s]+/[^/\s]+$")
+_PCT_SPLIT = re.compile(r"^(forget|retain)(\d+)$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str) -> Any:
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def _complement(split: str) -> str | None:
+    """``forget10`` -> ``retain90`` (and back); ``None`` for names without a percentage."""
+    m = _PCT_SPLIT.match(split)
+    if not m:
+        return None
+    if int(m.group(2)) > 100:
+        return None
+    other = "retain" if m.group(1) == "forget" else "forget"
+    return f"{other}{100 - int(m.group(2)):02d}"
+
+
+def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if value <= 0:
+            raise invalid(name, f"must be > 0, got {value}")
+
+
+# -- sections ---------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """The model to unlearn: a zoo name, a local directory or a hub id."""
+
+    source: str = _opt("zoo:tiny-llama/target", help="zoo:<family>/<name>, a local directory, or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype while training")
+    threads: int = _opt(1, help="torch CPU threads")
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise invalid("source", "is empty; give zoo:<family>/<name>, a directory or a hub id")
+        if self.source.startswith("zoo:") and not _ZOO.match(self.source):
+            raise invalid("source", f"is {self.source!r}; a zoo name looks like zoo:<family>/<name>, e.g. zoo:tiny-llama/target")
+        if self.threads < 1:
+            raise invalid("threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass
+class WorldSpec:
+    """Size and seed of the generated TOFU-style world (task ``tofu``); defaults are TOFU's sizes."""
+
+    seed: int = _opt(0, help="seed of the world generator")
+    n_authors: int = _opt(200, help="fictitious authors that are trained on (>= 100)")
+    n_holdout: int = _opt(20, help="authors nobody trains on")
+    n_perturbed: int = _opt(5, help="perturbed (wrong) answers per question (>= 3)")
+    n_countries: int = _opt(30, help="fictional countries of the world_facts set (>= 8)")
+    n_real_authors: int = _opt(100, help="famous authors of the real_authors set (>= 20)")
+
+    def __post_init__(self) -> None:
+        # Same bounds as tasks.tofu_world.WorldConfig, checked here so the error names the key.
+        if self.seed < 0:
+            raise invalid("seed", f"must be >= 0, got {self.seed}")
+        if self.n_authors < 100:
+            raise invalid("n_authors", f"must be >= 100 so that forget01 holds at least one author, got {self.n_authors}")
+        if self.n_holdout < 0:
+            raise invalid("n_holdout", f"must be >= 0, got {self.n_holdout}")
+        if self.n_perturbed < 3:
+            raise invalid("n_perturbed", f"must be >= 3, got {self.n_perturbed}")
+        if self.n_countries < 8:
+            raise invalid("n_countries", f"must be >= 8, got {self.n_countries}")
+        if self.n_real_authors < 20:
+            raise invalid("n_real_authors", f"must be >= 20, got {self.n_real_authors}")
+
+
+@dataclass
+class TaskSpec:
+    """What to forget, what to keep, what to evaluate on, and how items become text."""
+
+    name: Literal["tofu", "tofu_files"] = _opt("tofu", help="tofu: generated world; tofu_files: TOFU-layout files under path")
+    world: WorldSpec = _opt(factory=WorldSpec, help="the generated world (task tofu)")
+    path: str | None = _opt(None, help="directory of TOFU-layout files (required for tofu_files, forbidden for tofu)")
+    forget_split: str = _opt("forget10", help="the forget set")
+    retain_split: str | None = _opt("retain90", help="the retain set; null for retain-free methods")
+    retain_model: str | None = _opt("zoo:tiny-llama/retain90", help="model never trained on the forget set (forget quality); null to skip")
+    eval_splits: list[str] = _opt(
+        factory=lambda: ["forget", "retain_eval", "real_authors", "world_facts"], help="evaluation splits"
+    )
+    tokenization: Literal["split", "reference"] = _opt("split", help="split: prompt and answer tokenised apart; reference: open-unlearning's")
+    prompt_template: str = _opt("Question: {question}\nAnswer:", help="prompt built from an item; must use {question}")
+
+    def __post_init__(self) -> None:
+        if self.name == "tofu" and self.path is not None:
+            raise invalid("path", f"must not be set for task 'tofu' (its world is generated from {key_path('world')}); "
+                                  "use name 'tofu_files' to read files")
+        if self.name == "tofu_files" and not (self.path or "").strip():
+            raise invalid("path", "is required for task 'tofu_files': the directory holding the TOFU-layout files")
+        if not self.forget_split.strip():
+            raise invalid("forget_split", "is empty; name the forget set, e.g. forget10")
+        if self.name == "tofu" and self.forget_split not in TOFU_FORGET_SPLITS:
+            raise invalid("forget_split", f"must be one of {', '.join(TOFU_FORGET_SPLITS)} for task 'tofu', "
+                                          f"got {self.forget_split!r}" + suggest(self.forget_split, TOFU_FORGET_SPLITS))
+        if self.retain_split is not None:
+            if not self.retain_split.strip():
+                raise invalid("retain_split", "is empty; name the retain set (e.g. retain90) or write null")
+            want = _complement(self.forget_split)
+            if (self.name == "tofu" or _PCT_SPLIT.match(self.retain_split)) and want and self.retain_split != want:
+                raise invalid("retain_split", f"is {self.retain_split!r} but {key_path('forget_split')} is "
+                                              f"{self.forget_split!r}: the retain set must be its complement, {want!r}")
+        if self.retain_model is not None:
+            if not self.retain_model.strip():
+                raise invalid("retain_model", "is empty; name the retain model or write null")
+            m = re.match(r"^zoo:.*/(retain\d+)$", self.retain_model)
+            want = _complement(self.forget_split)
+            if m and want and m.group(1) != want:
+                raise invalid("retain_model", f"is {self.retain_model!r}, trained without the authors of "
+                                              f"{_complement(m.group(1))}, but {key_path('forget_split')} is "
+                                              f"{self.forget_split!r}; use {self.retain_model[: m.start(1)] + want!r}")
+        seen = set()
+        for i, split in enumerate(self.eval_splits):
+            if split not in EVAL_SPLITS:
+                raise invalid(f"eval_splits[{i}]", f"is {split!r}; allowed: {', '.join(EVAL_SPLITS)}" + suggest(split, EVAL_SPLITS))
+            if split in seen:
+                raise invalid(f"eval_splits[{i}]", f"repeats {split!r}")
+            seen.add(split)
+        try:
+            self.prompt_template.format(question="?")
+        except (KeyError, IndexError, ValueError) as e:
+            raise invalid("prompt_template", f"must be a format string using only {{question}}; "
+                                             f"formatting it failed with {type(e).__name__}: {e}") from None
+        if "{question}" not in self.prompt_template:
+            raise invalid("prompt_template", f"must contain {{question}}, got {self.prompt_template!r}")
+
+
+@dataclass
+class _LoraParams:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise invalid("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise invalid("target_modules", "is empty; name modules (e.g. [q_proj, v_proj]) or leave it out")
+
+
+@dataclass
+class _RegexParams:
+    pattern: str
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise invalid("pattern", f"is not a valid regular expression ({e}): {self.pattern!r}") from None
+
+
+@dataclass
+class _NoParams:
+    pass
+
+
+_SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams}
+
+
+@dataclass
+class SelectionSpec:
+    """Which parameters are trained. Params by name -- full: none; lora: r, alpha, dropout,
+    target_modules; regex: pattern (required; parameters whose name matches are trained)."""
+
+    name: Literal["full", "lora", "regex"] = _opt("full", help="full, lora or regex")
+    params: dict[str, Any] = _opt(factory=dict, help="parameters of the selection")
+
+    def __post_init__(self) -> None:
+        params_cls = _SELECTION_PARAMS.get(self.name)
+        if params_cls is None:
+            raise invalid("name", f"must be one of {', '.join(map(repr, _SELECTION_PARAMS))}, got {self.name!r}")
+        if params_cls is _NoParams and self.params:
+            raise invalid("params", f"must be empty for selection {self.name!r}, got keys: {', '.join(map(str, self.params))}")
+        typed = from_dict(params_cls, self.params, key_path("params"))
+        # Keep only the keys the recipe gave, with normalised values ("1e-3" -> 0.001).
+        self.params = {k: v for k, v in to_dict(typed).items() if k in self.params}
+
+
+@dataclass
+class MethodSpec:
+    """The unlearning objective (``name`` in the objective registry, ``params`` its Config) and
+    the parameters it trains."""
+
+    name: str = _opt("grad_diff", help="objective name, see unlearn.objectives")
+    params: dict[str, Any] = _opt(factory=dict, help="fields of the objective's Config dataclass")
+    selection: SelectionSpec = _opt(factory=SelectionSpec, help="which parameters are trained")
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise invalid("name", "is empty; name an objective, e.g. grad_diff")
+
+
+@dataclass
+class TrainSpec:
+    """The optimisation loop."""
+
+    epochs: int = _opt(5, help="passes over the forget set")
+    max_steps: int | None = _opt(None, help="stop after this many optimizer steps (overrides epochs)")
+    lr: float = _opt(1e-3, help="peak learning rate")
+    batch_size: int = _opt(16, help="forget items per step (and retain items, when used)")
+    grad_accum: int = _opt(1, help="micro-batches per optimizer step")
+    optimizer: Literal["adamw", "sgd"] = _opt("adamw", help="adamw or sgd")
+    weight_decay: float = _opt(0.0, help="decoupled weight decay (adamw) / L2 (sgd)")
+    scheduler: Literal["constant", "linear", "cosine"] = _opt("constant", help="learning-rate schedule after warm-up")
+    warmup_ratio: float = _opt(0.0, help="fraction of steps of linear warm-up, in [0, 1)")
+    max_grad_norm: float | None = _opt(1.0, help="gradient clipping norm; null disables")
+    save_checkpoint: bool = _opt(True, help="save the unlearned weights in the run directory")
+    eval_every: int | None = _opt(None, help="evaluate every N optimizer steps; null: only at the end")
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "lr", "batch_size", "grad_accum")
+        _positive(self, "max_steps", "max_grad_norm", "eval_every", allow_none=True)
+        if self.weight_decay < 0:
+            raise invalid("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise invalid("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class EvalSpec:
+    """The evaluation suite run after unlearning."""
+
+    suite: Literal["tofu"] = _opt("tofu", help="metric suite")
+    batch_size: int = _opt(32, help="evaluation batch size")
+    max_new_tokens: int = _opt(48, help="greedy generation length (ROUGE)")
+    compare_target: bool = _opt(True, help="also evaluate the model before unlearning, for before/after tables")
+    n_samples: int = _opt(5, help="generations shown per split in the report")
+    max_items: int | None = _opt(None, help="evaluate only the first N items of each split (smoke runs); null: all")
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "max_new_tokens")
+        _positive(self, "max_items", allow_none=True)
+        if self.n_samples < 0:
+            raise invalid("n_samples", f"must be >= 0, got {self.n_samples}")
+
+
+@dataclass
+class OutputSpec:
+    """Where the run directory goes."""
+
+    dir: str | None = _opt(None, help="run directory; null: runs/<name>")
+    overwrite: bool = _opt(False, help="replace a finished run in dir (otherwise an error)")
+
+    def __post_init__(self) -> None:
+        if self.dir is not None and not self.dir.strip():
+            raise invalid("dir", "is empty; give a directory or write null for runs/<name>")
+
+
+@dataclass
+class Recipe:
+    """One runnable experiment."""
+
+    name: str = _opt(help="run name (letters, digits, . _ -); the default output is runs/<name>")
+    seed: int = _opt(0, help="seed of training (data order, initialisations)")
+    model: ModelSpec = _opt(factory=ModelSpec, help="the model to unlearn")
+    task: TaskSpec = _opt(factory=TaskSpec, help="data")
+    method: MethodSpec = _opt(factory=MethodSpec, help="objective and trained parameters")
+    train: TrainSpec = _opt(factory=TrainSpec, help="optimisation")
+    eval: EvalSpec = _opt(factory=EvalSpec, help="evaluation")
+    output: OutputSpec = _opt(factory=OutputSpec, help="run directory")
+    description: str = _opt("", help="free text, copied into the report")
+
+    def __post_init__(self) -> None:
+        if not _RUN_NAME.match(self.name):
+            raise invalid("name", f"is {self.name!r}; use letters, digits, '.', '_' or '-' (it names the run directory)")
+        if self.seed < 0:
+            raise invalid("seed", f"must be >= 0, got {self.seed}")
+
+    @property
+    def output_dir(self) -> Path:
+        """``output.dir``, or ``runs/<name>`` when it is null."""
+        return Path(self.output.dir) if self.output.dir is not None else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (what a run records); ``load_recipe`` of it gives an equal recipe."""
+        return to_dict(self)
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _objectives():
+    """The objective registry (imported lazily; tests replace this function)."""
+    from unlearn.objectives import OBJECTIVES
+
+    return OBJECTIVES
+
+
+def resolve_method(recipe: Recipe) -> tuple[type, Any]:
+    """Look up ``method.name`` and build its Config from ``method.params``.
+
+    Returns:
+        ``(objective_cls, config)``; ``objective_cls(config)`` is the objective to train with.
+
+    Raises:
+        RecipeError: unknown objective (with the allowed names and a "did you mean"), a bad
+            ``method.params`` key or value, or an objective that needs a retain set while
+            ``task.retain_split`` is null.
+    """
+    registry = _objectives()
+    name = recipe.method.name
+    if name not in registry:
+        names = registry.names()
+        raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective; "
+                          f"allowed: {', '.join(names)}" + suggest(name, names))
+    objective_cls = registry.get(name)
+    config = from_dict(objective_cls.Config, recipe.method.params, "method.params")
+    if recipe.task.retain_split is None and objective_cls(config).needs_retain():
+        raise RecipeError(f"recipe key 'task.retain_split' is null, but objective {name!r} (method.name) with "
+                          "these method.params uses a retain set; name a retain split (e.g. retain90) "
+                          "or choose a retain-free objective")
+    return objective_cls, config
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist" if not path.exists() else f"recipe path '{path}' is not a file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"recipe file '{path}' is not valid YAML: {problem}{where}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file '{path}' is not UTF-8 text ({e.reason})") from None
+
+
+def load_recipe(src: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
+    """Load, override, validate.
+
+    Args:
+        src: a YAML file path, an already parsed mapping (not modified), or a Recipe
+            (re-validated, e.g. to apply overrides to it).
+        overrides: ``--set`` items, ``dotted.key=value`` (value parsed as YAML), applied before
+            validation, so an override of an unknown key is an unknown-key error.
+
+    Returns:
+        The validated :class:`Recipe`; ``method.name`` and ``method.params`` were checked
+        against the objective registry (see :func:`resolve_method`).
+
+    Raises:
+        RecipeError: anything wrong, in one line naming the key (or the file).
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if isinstance(src, Recipe):
+        data = to_dict(src)
+        where = "recipe"
+    elif isinstance(src, (str, Path)):
+        data = _read_yaml(Path(src))
+        where = f"recipe file '{src}'"
+    else:
+        data = src
+        where = "recipe"
+    if not isinstance(data, dict):
+        got = "empty" if data is None else f"a {type(data).__name__}"
+        raise RecipeError(f"{where} must be a mapping of sections (name, model, task, method, ...), but it is {got}")
+    recipe = from_dict(Recipe, apply_overrides(data, list(overrides)), "")
+    resolve_method(recipe)
+    return recipe

@@ -1,0 +1,68 @@
+"""The tiny model zoo: small models trained on the synthetic worlds, shipped with the package.
+
+Names look like ``tiny-llama/target``; recipes write them as ``zoo:tiny-llama/target``.
+Look-up order: ``$UNLEARN_ZOO_DIR``, the checkpoints shipped in the package
+(``unlearn/zoo/assets``), then the user cache (``~/.cache/unlearn/zoo``) where
+``unlearn zoo build`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+
+FAMILIES = {
+    "tiny-llama": {
+        "description": "Llama-family causal LM (~1.6M params) on the TOFU-style world: "
+                       "target (all 200 authors) and retain90/95/99 (without forget10/05/01).",
+        "models": ["target", "retain90", "retain95", "retain99"],
+    },
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UNLEARN_CACHE", Path.home() / ".cache" / "unlearn"))
+
+
+def _roots() -> list[Path]:
+    roots = []
+    if os.environ.get("UNLEARN_ZOO_DIR"):
+        roots.append(Path(os.environ["UNLEARN_ZOO_DIR"]))
+    return roots + [ASSETS, cache_dir() / "zoo"]
+
+
+def available() -> dict[str, Path]:
+    """Zoo models found on this machine: ``{"tiny-llama/target": path, ...}``."""
+    out: dict[str, Path] = {}
+    for root in _roots():
+        for fam, info in FAMILIES.items():
+            for m in info["models"]:
+                p = root / fam / m
+                if f"{fam}/{m}" not in out and (p / "config.json").exists():
+                    out[f"{fam}/{m}"] = p
+    return out
+
+
+def zoo_path(name: str) -> Path:
+    """Directory of a zoo model; a clear error names the known models and how to build them."""
+    fam, _, model = name.partition("/")
+    if fam not in FAMILIES or model not in FAMILIES[fam]["models"]:
+        known = [f"{f}/{m}" for f, i in FAMILIES.items() for m in i["models"]]
+        from unlearn.registry import did_you_mean
+
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)}" + did_you_mean(name, known))
+    found = available()
+    if name not in found:
+        raise ValueError(f"zoo model {name!r} is not on this machine; build it with `unlearn zoo build {fam}`")
+    return found[name]
+
+
+def manifest(family: str = "tiny-llama") -> dict | None:
+    for root in _roots():
+        p = root / family / "manifest.json"
+        if p.exists():
+            return json.loads(p.read_text())
+    return None
