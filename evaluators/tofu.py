@@ -492,7 +492,9 @@ def model_utility(values: Mapping[str, float]) -> MetricResult:
 # -- memorisation (teacher-forced argmax) -----------------------------------------------------
 
 
-def _answer_matches(logits: torch.Tensor, labels: torch.Tensor, convention: str, what: str) -> list[np.ndarray]:
+def _answer_matches(
+    logits: torch.Tensor, labels: torch.Tensor, convention: str, what: str
+) -> list[np.ndarray]:
     """Per item: boolean array, over the scored answer positions in order, of argmax == label.
 
     Causal shift: ``logits[:, t]`` predicts token ``t + 1``, so predictions ``logits[:, :-1]``
@@ -525,9 +527,10 @@ def _answer_matches(logits: torch.Tensor, labels: torch.Tensor, convention: str,
         if convention == "reference":
             idx = idx[:-1]  # open-unlearning drops the last labelled token ("ignore eos prediction")
         if idx.numel() == 0:
+            why = " (the reference convention drops the last labelled token)"
             raise ValueError(
                 f"{what}: item {i} has no answer tokens to score"
-                + (" (the reference convention drops the last labelled token)" if convention == "reference" else "")
+                + (why if convention == "reference" else "")
             )
         out.append(matches[i, idx].numpy())
     return out

@@ -90,7 +90,8 @@ def evaluate_split(adapter, items: list[dict], kind: str, *, batch_size: int = 3
 def _from_items(name: str, per_item: list[float], forget_set: bool) -> MetricResult:
     spec = M.SPECS[name]
     return MetricResult(name=name, value=float(np.mean(per_item)), per_item=list(map(float, per_item)),
-                        higher_is_better=(not forget_set), version=spec.version)
+                        higher_is_better=(not forget_set), version=spec.version,
+                        note="open-unlearning reference convention (last answer token not scored)")
 
 
 def eval_key(adapter, splits: dict[str, list[dict]], settings: dict) -> str:
@@ -115,7 +116,7 @@ def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, ma
         return json.loads(cache.read_text())
     res = {"model_fingerprint": adapter.fingerprint(), "suite": "tofu", "suite_version": SUITE_VERSION,
            "protocol": {"tokenization": adapter.tokenization, "prompt_template": adapter.prompt_template,
-                        "decoding": "greedy", **settings},
+                        "decoding": "greedy", "memorization_convention": "reference", **settings},
            "splits": {}}
     for name in tqdm(list(splits), desc=f"eval {label}", disable=not progress, leave=False):
         res["splits"][name] = evaluate_split(adapter, splits[name], split_kind(name), batch_size=batch_size,
