@@ -3,7 +3,8 @@
 One step = one forget batch (+ one retain batch of the same size drawn at random, as
 open-unlearning's forget/retain pairing does) -> ``objective.loss`` -> backward. Gradient
 accumulation, clipping, optimizer and scheduler come from the recipe's ``train`` section.
-A non-finite loss or gradient stops training at once with a message naming the step.
+A non-finite loss or gradient stops training at once with a message naming the step
+(numbered from 1, as in the training history).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     total_micro = per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_micro = min(total_micro, settings.max_steps * settings.grad_accum)
+    # whole accumulation windows only: a trailing partial window would never be applied
+    total_micro = max(settings.grad_accum, total_micro - total_micro % settings.grad_accum)
     total_steps = max(1, total_micro // settings.grad_accum)
     sched = get_scheduler(settings.scheduler, opt, num_warmup_steps=int(settings.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
@@ -121,7 +124,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                 loss, logs = objective.loss(adapter, fb, rb)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at step {log.steps}, epoch {epoch} of {objective.name}; "
+                        f"non-finite loss ({loss.item()}) at step {log.steps + 1}, epoch {epoch} of {objective.name}; "
                         "lower train.lr, add a retain term, or reduce epochs"
                     )
                 acc.backward(loss)
@@ -129,8 +132,8 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
                     if bad:
                         raise TrainingDiverged(
-                            f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more) at step {log.steps}, epoch {epoch}; "
-                            "lower train.lr or set train.max_grad_norm"
+                            f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more) at step {log.steps + 1}, epoch {epoch}; "
+                            "lower train.lr (clipping cannot repair an infinite gradient)"
                         )
                     if settings.max_grad_norm:
                         acc.clip_grad_norm_(params, settings.max_grad_norm)

@@ -81,6 +81,8 @@ def kl_to_reference(adapter, reference, batch) -> torch.Tensor:
     rl, _, _ = adapter.shift(ref_logits, batch["labels"])
     logp = torch.log_softmax(lg.float(), -1)[mask]  # (N, V)
     ref_logp = torch.log_softmax(rl.float(), -1)[mask]  # (N, V)
+    if logp.shape[0] == 0:  # no answer tokens in the batch
+        return logits.sum() * 0.0
     return torch.nn.functional.kl_div(logp, ref_logp, reduction="batchmean", log_target=True)
 
 

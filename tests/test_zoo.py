@@ -1,0 +1,66 @@
+"""The shipped tiny zoo: it loads, it is what its manifest says, the target really knows the
+forget authors and the retain model really does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unlearn import zoo
+from unlearn.adapters.text import TextAdapter
+from unlearn.evaluators import tofu as M
+from unlearn.evaluators import tofu_suite
+from unlearn.tasks.tofu_world import WorldConfig, build_world
+
+MODELS = ["target", "retain90", "retain95", "retain99"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(WorldConfig())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {m: TextAdapter.load(f"zoo:tiny-llama/{m}") for m in ("target", "retain90")}
+
+
+def test_zoo_models_are_shipped_and_match_the_manifest(world):
+    man = zoo.manifest("tiny-llama")
+    assert man is not None and man["world_fingerprint"] == world.fingerprint()
+    for m in MODELS:
+        ad = TextAdapter.load(f"zoo:tiny-llama/{m}")
+        assert ad.fingerprint() == man["models"][m]["fingerprint"], m
+        assert (zoo.zoo_path(f"tiny-llama/{m}") / "model.safetensors").exists()
+
+
+def test_unknown_zoo_name_suggests_the_right_one():
+    with pytest.raises(ValueError, match="did you mean 'tiny-llama/target'"):
+        zoo.zoo_path("tiny-llama/targte")
+
+
+def test_target_knows_forget10_and_retain_model_does_not(world, models):
+    forget = world.split("forget10")
+    gens = models["target"].generate([q["question"] for q in forget], max_new_tokens=40, batch_size=64)
+    rouge = M.rouge_l_recall(gens, [q["answer"] for q in forget]).value
+    assert rouge >= 0.9, rouge
+    gens_r = models["retain90"].generate([q["question"] for q in forget[:100]], max_new_tokens=40, batch_size=64)
+    assert M.rouge_l_recall(gens_r, [q["answer"] for q in forget[:100]]).value < rouge - 0.2
+    res = {k: tofu_suite.evaluate_split(m, forget, "forget", batch_size=64, generate=False) for k, m in models.items()}
+    tr_t, tr_r = (np.asarray(res[k]["truth_ratio_raw"]) for k in ("target", "retain90"))
+    # target vs retain: clearly different distributions (forget quality < 0.01) ...
+    assert M.forget_quality(tr_t, tr_r).value < 0.01
+    # ... the retain model compared with itself: 1.0
+    assert M.forget_quality(tr_r, tr_r).value == pytest.approx(1.0)
+    # the target prefers the true paraphrase over perturbed answers far more often
+    assert np.median(tr_t) < np.median(tr_r)
+
+
+@pytest.mark.slow
+def test_rebuild_reproduces_the_shipped_models(tmp_path):
+    from unlearn.zoo.build import build_family
+
+    man = zoo.manifest("tiny-llama")
+    rebuilt = build_family(tmp_path / "tiny-llama")
+    for m in MODELS:
+        assert rebuilt["models"][m]["fingerprint"] == man["models"][m]["fingerprint"], m
