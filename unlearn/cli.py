@@ -38,11 +38,18 @@ def _zoo(args) -> int:
         raise ValueError(f"unknown zoo family {args.family!r}; known: {', '.join(zoo.FAMILIES)}")
     import torch
 
-    from unlearn.zoo.build import build_family
+    from unlearn.zoo.build import build_family, build_part, write_manifest
 
     torch.set_num_threads(args.threads)
     out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
-    m = build_family(out)
+    if args.part == "all":
+        m = build_family(out)
+    elif args.part == "manifest":
+        m = write_manifest(out)
+    else:
+        rec = build_part(args.part, out)
+        print(json.dumps({"out": out, "part": args.part, "seconds": rec["seconds"], "models": rec["models"]}, indent=1))
+        return 0
     print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
     return 0
 
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("family", nargs="?", default="tiny-llama")
     b.add_argument("--out", help="output directory (default: the user cache)")
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--part", default="all", choices=["all", "base", "retain", "target", "manifest"],
+                   help="build one part (base first; then retain and target can run in parallel; then manifest)")
     args = p.parse_args(argv)
     try:
         return _run(args) if args.cmd == "run" else _zoo(args)
