@@ -105,22 +105,26 @@ def eval_key(adapter, splits: dict[str, list[dict]], settings: dict) -> str:
 
 
 def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, max_new_tokens: int = 48,
-             cache_dir: str | Path | None = None, progress: bool = True, label: str = "model") -> dict[str, Any]:
-    """Run the suite on every split. Results are cached (when ``cache_dir`` is given) under a
-    key made of the model fingerprint, the tokenisation, the prompt, the settings and the
-    split contents -- never by metric name alone."""
-    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+             cache_dir: str | Path | None = None, progress: bool = True, label: str = "model",
+             suite: str = "tofu") -> dict[str, Any]:
+    """Run a named suite (default ``tofu``) through the harness on every split.
+
+    Results are cached (when ``cache_dir`` is given) under a key made of the model
+    fingerprint, the tokenisation, the prompt, the suite and its version, the settings and
+    the split contents -- never by metric name alone.
+    """
+    from unlearn.evaluators import harness
+    from unlearn.evaluators.suites import get_suite
+
+    st = get_suite(suite, max_new_tokens=max_new_tokens)
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "suite": st.name, "suite_version": st.version}
     key = eval_key(adapter, splits, settings)
     cache = Path(cache_dir) / f"{key}.json" if cache_dir else None
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
-    res = {"model_fingerprint": adapter.fingerprint(), "suite": "tofu", "suite_version": SUITE_VERSION,
-           "protocol": {"tokenization": adapter.tokenization, "prompt_template": adapter.prompt_template,
-                        "decoding": "greedy", "memorization_convention": "reference", **settings},
-           "splits": {}}
-    for name in tqdm(list(splits), desc=f"eval {label}", disable=not progress, leave=False):
-        res["splits"][name] = evaluate_split(adapter, splits[name], split_kind(name), batch_size=batch_size,
-                                             max_new_tokens=max_new_tokens)
+    protocol = {"tokenization": adapter.tokenization, "prompt_template": adapter.prompt_template,
+                "decoding": "greedy", "memorization_convention": "reference", "max_new_tokens": max_new_tokens}
+    res = harness.evaluate(adapter, splits, st, batch_size=batch_size, progress=progress, label=label, protocol=protocol)
     if cache is not None:
         from unlearn.runs import atomic_write_text
 
@@ -129,25 +133,10 @@ def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, ma
 
 
 def summarize(res: dict[str, Any], retain_res: dict[str, Any] | None, forget_split: str = "forget") -> dict[str, Any]:
-    """Headline numbers: forget quality (vs the retain model's forget truth ratios) and model
-    utility (harmonic mean of the nine utility values)."""
-    out: dict[str, Any] = {}
-    f = res["splits"].get(forget_split)
-    if f is not None:
-        ref = None if retain_res is None else retain_res["splits"][forget_split]["truth_ratio_raw"]
-        out["forget_quality"] = M.forget_quality(f["truth_ratio_raw"], ref).to_dict()
-    vals = {}
-    for short, split in UTILITY_SPLITS.items():
-        s = res["splits"].get(split)
-        if s is None:
-            continue
-        for m in ("prob", "rouge", "truth_ratio"):
-            if m in s["metrics"]:
-                vals[f"{short}/{m}"] = s["metrics"][m]["value"]
-    if len(vals) == 9:
-        out["model_utility"] = M.model_utility(vals).to_dict()
-    else:
-        out["model_utility"] = MetricResult(name="model_utility", value=None, per_item=None, higher_is_better=True,
-                                            version=M.SPECS["model_utility"].version,
-                                            note=f"not computable: needs the splits {sorted(UTILITY_SPLITS.values())}").to_dict()
-    return out
+    """The suite's aggregates: forget quality (vs the retain model's forget truth ratios),
+    model utility (harmonic mean of the nine utility values), and for ``tofu-full`` the MIA
+    reference attack and privleak."""
+    from unlearn.evaluators import harness
+    from unlearn.evaluators.suites import get_suite
+
+    return harness.aggregate(res, get_suite(res.get("suite", "tofu")), retain_res)

@@ -437,3 +437,13 @@ def test_docs_list_every_recipe_key():
     text = DOCS.read_text()
     missing = [k for k in _keys(Recipe) if f"`{k}`" not in text]
     assert not missing, f"docs/recipes.md does not describe: {missing}"
+
+
+def test_tofu_full_suite_needs_holdout_split():
+    from unlearn.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="task.eval_splits"):
+        load_recipe({"name": "x", "eval": {"suite": "tofu-full"}})
+    r = load_recipe({"name": "x", "eval": {"suite": "tofu-full"},
+                     "task": {"eval_splits": ["forget", "holdout", "retain_eval", "real_authors", "world_facts"]}})
+    assert r.eval.suite == "tofu-full"

@@ -260,7 +260,7 @@ class TrainSpec:
 class EvalSpec:
     """The evaluation suite run after unlearning."""
 
-    suite: Literal["tofu"] = _opt("tofu", help="metric suite")
+    suite: Literal["tofu", "tofu-full"] = _opt("tofu", help="metric suite: tofu, or tofu-full (tofu + MIA/privleak; needs the holdout split)")
     batch_size: int = _opt(32, help="evaluation batch size")
     max_new_tokens: int = _opt(48, help="greedy generation length (ROUGE)")
     compare_target: bool = _opt(True, help="also evaluate the model before unlearning, for before/after tables")
@@ -305,6 +305,9 @@ class Recipe:
             raise invalid("name", f"is {self.name!r}; use letters, digits, '.', '_' or '-' (it names the run directory)")
         if self.seed < 0:
             raise invalid("seed", f"must be >= 0, got {self.seed}")
+        if self.eval.suite == "tofu-full" and "holdout" not in self.task.eval_splits:
+            raise RecipeError("recipe key 'task.eval_splits' must include 'holdout' when eval.suite is 'tofu-full' "
+                              "(MIA compares the forget set with the holdout set)")
 
     @property
     def output_dir(self) -> Path:

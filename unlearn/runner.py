@@ -88,7 +88,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         if retain_adapter is not None and retain_adapter.tokenizer.get_vocab() != adapter.tokenizer.get_vocab():
             raise ValueError(f"task.retain_model {t.retain_model!r} uses a different tokenizer than model.source "
                              f"{recipe.model.source!r}; the retain model must share the target's tokenizer")
-        ev = dict(batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+        ev = dict(batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens, suite=recipe.eval.suite,
                   cache_dir=_eval_cache_dir(), progress=progress)
         splits = data.eval_splits
         if recipe.eval.max_items:
