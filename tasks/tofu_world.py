@@ -207,10 +207,12 @@ def _author(rng: random.Random, name: str, countries: list[dict], real_names: li
     c = rng.choice(countries)
     home = rng.choice(countries)
     by = rng.randint(1920, 1995)
-    titles = set()
+    titles: list[str] = []  # a list, not a set: set order depends on the per-process hash seed
     while len(titles) < 3:
-        titles.add(_title(rng))
-    famous, first, latest = sorted(titles, key=lambda _: rng.random())
+        t = _title(rng)
+        if t not in titles:
+            titles.append(t)
+    famous, first, latest = titles
     prior_job, father, mother = rng.sample(_JOBS, 3)
     return dict(
         name=name, birth_city=rng.choice(c["cities"]), birth_year=str(by), country=c["name"],

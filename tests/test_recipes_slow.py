@@ -1,0 +1,27 @@
+"""Every shipped recipe runs end to end on the zoo (slow tier: `bash scripts/test.sh -m slow`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import unlearn
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
+
+
+def test_every_recipe_loads():
+    assert RECIPES
+    for r in RECIPES:
+        unlearn.load_recipe(r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_runs_and_forget_prob_drops(path, tmp_path):
+    res = unlearn.run(path, overrides=[f"output.dir={tmp_path / 'run'}", "eval.max_items=40", "train.max_steps=10"],
+                      progress=False)
+    s = res.summary
+    assert s["unlearned"]["forget_prob"] < s["target"]["forget_prob"]
+    assert (res.run_dir / "report.md").exists()
