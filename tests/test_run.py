@@ -62,6 +62,7 @@ def test_run_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
     assert prov["data"]["forget"] and prov["tokenization"] == "split"
     assert prov["parameters_changed"] > 0
     assert yaml.safe_load((out / "recipe.yaml").read_text())["method"]["name"] == "grad_diff"
+    assert metrics["recipe"]["seed"] == 0 and metrics["provenance"]["model"] == prov["model"]
     assert "Sample generations" in (out / "report.md").read_text()
     # per-item values are kept next to the aggregates
     forget = metrics["models"]["unlearned"]["splits"]["forget"]

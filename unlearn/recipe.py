@@ -22,12 +22,18 @@ import yaml
 from unlearn.config import RecipeError, apply_overrides, from_dict, invalid, key_path, suggest, to_dict
 
 __all__ = [
-    "EVAL_SPLITS", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
+    "ATTACKS", "EVAL_SPLITS", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
     "SelectionSpec", "TaskSpec", "TrainSpec", "WorldSpec", "load_recipe", "resolve_method",
 ]
 
 # Evaluation splits a task provides (TOFU's sets; ``retain_eval`` plays retain_perturbed's role).
 EVAL_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts", "holdout")
+# Splits model utility is computed from (all three are needed).
+UTILITY_EVAL_SPLITS = ("retain_eval", "real_authors", "world_facts")
+# Attacks on the unlearned model (``unlearn.evaluators.attacks``), for ``eval.attacks``.
+ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_reverse", "jailbreak_mc",
+           "in_context", "relearn", "quantize_8bit", "quantize_4bit")
+SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 _ZOO = re.compile(r"^zoo:[^/\s]+/[^/\s]+$")
@@ -245,11 +251,33 @@ class TrainSpec:
     warmup_ratio: float = _opt(0.0, help="fraction of steps of linear warm-up, in [0, 1)")
     max_grad_norm: float | None = _opt(1.0, help="gradient clipping norm; null disables")
     save_checkpoint: bool = _opt(True, help="save the unlearned weights in the run directory")
-    eval_every: int | None = _opt(None, help="evaluate every N optimizer steps; null: only at the end")
+    eval_every: int | None = _opt(None, help="evaluate (tofu suite, eval_max_items items per split) every N optimizer steps "
+                                             "during training; null: not by steps")
+    eval_every_epoch: bool = _opt(False, help="evaluate during training at the end of every epoch")
+    select_best: Literal["last", "forget_quality", "model_utility", "fq_mu_mean"] = _opt(
+        "last", help="which evaluated training state to keep: last, or the best by forget quality, model utility "
+                     "or their mean (needs eval_every or eval_every_epoch)")
+    utility_floor: float | None = _opt(None, help="stop training early when model utility falls below this fraction "
+                                                  "of the target's, in (0, 1]; null: never")
+    eval_max_items: int | None = _opt(100, help="items per split for the evaluations during training; null: all")
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        return self.eval_every is not None or self.eval_every_epoch
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "batch_size", "grad_accum")
-        _positive(self, "max_steps", "max_grad_norm", "eval_every", allow_none=True)
+        _positive(self, "max_steps", "max_grad_norm", "eval_every", "eval_max_items", allow_none=True)
+        if self.select_best != "last" and not self.evaluates_during_training:
+            raise invalid("select_best", f"is {self.select_best!r}, which needs evaluations during training: "
+                                         f"set {key_path('eval_every')} or {key_path('eval_every_epoch')}")
+        if self.utility_floor is not None:
+            if not 0.0 < self.utility_floor <= 1.0:
+                raise invalid("utility_floor", f"must be in (0, 1] (a fraction of the target's model utility), "
+                                               f"got {self.utility_floor}")
+            if not self.evaluates_during_training:
+                raise invalid("utility_floor", f"needs evaluations during training: set {key_path('eval_every')} "
+                                               f"or {key_path('eval_every_epoch')}")
         if self.weight_decay < 0:
             raise invalid("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -266,12 +294,29 @@ class EvalSpec:
     compare_target: bool = _opt(True, help="also evaluate the model before unlearning, for before/after tables")
     n_samples: int = _opt(5, help="generations shown per split in the report")
     max_items: int | None = _opt(None, help="evaluate only the first N items of each split (smoke runs); null: all")
+    attacks: list[str] = _opt(factory=list, help="attacks run on the unlearned model (and the target) over the forget split")
+    attack_params: dict[str, dict[str, Any]] = _opt(factory=dict, help="settings per attack, by attack name")
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "max_new_tokens")
         _positive(self, "max_items", allow_none=True)
         if self.n_samples < 0:
             raise invalid("n_samples", f"must be >= 0, got {self.n_samples}")
+        seen = set()
+        for i, name in enumerate(self.attacks):
+            if name not in ATTACKS:
+                raise invalid(f"attacks[{i}]", f"is {name!r}, not a known attack; allowed: {', '.join(ATTACKS)}"
+                              + suggest(name, ATTACKS))
+            if name in seen:
+                raise invalid(f"attacks[{i}]", f"repeats {name!r}")
+            seen.add(name)
+        for name in self.attack_params:
+            if name not in ATTACKS:
+                raise invalid(f"attack_params.{name}", f"is not a known attack; allowed: {', '.join(ATTACKS)}"
+                              + suggest(name, ATTACKS))
+            if name not in seen:
+                raise invalid(f"attack_params.{name}", f"sets parameters of {name!r}, which is not in "
+                                                       f"{key_path('attacks')}; add it there or remove these parameters")
 
 
 @dataclass
@@ -308,6 +353,23 @@ class Recipe:
         if self.eval.suite == "tofu-full" and "holdout" not in self.task.eval_splits:
             raise RecipeError("recipe key 'task.eval_splits' must include 'holdout' when eval.suite is 'tofu-full' "
                               "(MIA compares the forget set with the holdout set)")
+        tr = self.train
+        if tr.select_best in ("forget_quality", "fq_mu_mean"):
+            if self.task.retain_model is None:
+                raise RecipeError(f"recipe key 'train.select_best' is {tr.select_best!r}, which needs forget quality, "
+                                  "but task.retain_model is null; name a retain model or choose model_utility/last")
+            if "forget" not in self.task.eval_splits:
+                raise RecipeError(f"recipe key 'train.select_best' is {tr.select_best!r}, which needs forget quality, "
+                                  "but task.eval_splits lacks 'forget'")
+        needs_mu = [k for k, on in (("train.select_best", tr.select_best in ("model_utility", "fq_mu_mean")),
+                                    ("train.utility_floor", tr.utility_floor is not None)) if on]
+        missing = [s for s in UTILITY_EVAL_SPLITS if s not in self.task.eval_splits]
+        if needs_mu and missing:
+            raise RecipeError(f"recipe key '{needs_mu[0]}' needs model utility, which is computed from "
+                              f"{', '.join(UTILITY_EVAL_SPLITS)}, but task.eval_splits lacks {', '.join(missing)}")
+        if self.eval.attacks and "forget" not in self.task.eval_splits:
+            raise RecipeError("recipe key 'eval.attacks' runs attacks over the forget split, but task.eval_splits "
+                              "lacks 'forget'")
 
     @property
     def output_dir(self) -> Path:

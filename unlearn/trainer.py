@@ -4,7 +4,9 @@ One step = one forget batch (+ one retain batch of the same size drawn at random
 open-unlearning's forget/retain pairing does) -> ``objective.loss`` -> backward. Gradient
 accumulation, clipping, optimizer and scheduler come from the recipe's ``train`` section.
 A non-finite loss or gradient stops training at once with a message naming the step
-(numbered from 1, as in the training history).
+(numbered from 1, as in the training history). A ``callback`` sees every optimizer step
+and may end training early and cleanly by returning ``"stop"`` (the runner's evaluation
+during training uses it for ``train.utility_floor``).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class TrainLog:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     seed: int = 0
+    stopped_early: int | None = None  # the step after which a callback asked to stop
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "seconds": round(self.seconds, 2), "seed": self.seed, "history": self.history}
+        return {"steps": self.steps, "seconds": round(self.seconds, 2), "seed": self.seed,
+                "stopped_early": self.stopped_early, "history": self.history}
 
 
 def _batches(n: int, bs: int, rng: random.Random) -> list[list[int]]:
@@ -62,7 +66,8 @@ def _make_batch(adapter, items: list[dict], idx: list[int], needs_idk: bool) -> 
 
 
 def train(adapter, objective, forget: list[dict], retain: list[dict] | None, settings: TrainSettings, *,
-          seed: int = 0, progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> TrainLog:
+          seed: int = 0, progress: bool = True,
+          callback: Callable[[int, dict], str | None] | None = None) -> TrainLog:
     """Run the unlearning loop in place on ``adapter.model``; returns the training log.
 
     Args:
@@ -71,7 +76,13 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         forget / retain: items; ``retain`` may be ``None`` when the objective needs none.
         settings: optimisation settings (from the recipe's ``train`` section).
         seed: seeds the data order and retain sampling.
-        callback: called as ``callback(step, logs)`` after every optimizer step.
+        callback: called as ``callback(step, logs)`` after every optimizer step, with ``logs`` a
+            copy of the step's history entry plus ``epoch_end`` (this step completes the last
+            accumulation window begun in its epoch -- with ``grad_accum`` not dividing an epoch,
+            that is the first step of the next epoch -- or is the last step of training) and
+            ``last`` (no further step follows). Returning ``"stop"`` ends training cleanly after
+            this step (``TrainLog.stopped_early`` records the step); any other return value
+            is ignored.
     Raises:
         TrainingDiverged: on a NaN/Inf loss or gradient.
     """
@@ -113,8 +124,10 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     model.train()
     micro = 0
     done = False
+    epoch_pending = False  # an epoch ended inside an accumulation window not applied yet
     for epoch in range(settings.epochs):
-        for idx in _batches(len(forget), settings.batch_size, rng):
+        batches = _batches(len(forget), settings.batch_size, rng)
+        for b_i, idx in enumerate(batches):
             fb = _make_batch(adapter, forget, idx, needs_idk)
             rb = None
             if use_retain:
@@ -141,6 +154,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             micro += 1
+            last_batch = b_i == len(batches) - 1
             if acc.sync_gradients:
                 log.steps += 1
                 entry = {"step": log.steps, "epoch": epoch, "loss": round(loss.item(), 6),
@@ -149,7 +163,15 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if callback is not None:
-                    callback(log.steps, entry)
+                    last = micro >= total_micro
+                    info = {**entry, "epoch_end": last_batch or epoch_pending or last, "last": last}
+                    epoch_pending = False
+                    if callback(log.steps, info) == "stop" and not last:
+                        log.stopped_early = log.steps
+                        done = True
+                        break
+            elif last_batch:
+                epoch_pending = True
             if micro >= total_micro:
                 done = True
                 break
