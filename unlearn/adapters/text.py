@@ -6,6 +6,7 @@ exposes the small contract that objectives, metrics and probes are written again
 
 * :meth:`collate` -- QA items -> a right-padded batch with the prompt and padding masked;
 * :meth:`logits` / :meth:`item_nll` / :meth:`token_logprobs` -- teacher-forced scores;
+* :meth:`hidden_states` -- one decoder layer's output (representation-level objectives: RMU);
 * :meth:`generate` -- greedy answers (left padding);
 * :meth:`parameter_groups`, :meth:`reference`, :meth:`save`, :meth:`fingerprint`.
 
@@ -245,6 +246,23 @@ class TextAdapter:
         tok_nll = F.cross_entropy(lg.float().transpose(1, 2), lb.clamp_min(0), reduction="none")  # (B, T-1)
         tok_nll = tok_nll * mask
         return tok_nll.sum(-1), mask.sum(-1)
+
+    def hidden_states(self, batch: dict[str, Any], layer: int, model=None) -> torch.Tensor:
+        """Output of decoder layer ``layer`` (0-based, ``model.model.layers[layer]``): (B, T, H).
+
+        Read from ``output_hidden_states`` (entry ``layer + 1``; entry 0 is the embeddings).
+        The last layer is refused: transformers applies the final norm to that entry, so it
+        is not the layer's output. Differentiable when called with grad enabled.
+        """
+        m = model if model is not None else self.model
+        n_layers = m.config.num_hidden_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers - 1:
+            raise ValueError(f"layer must be an int in 0..{n_layers - 2} for this {n_layers}-layer model "
+                             f"(the last layer's hidden state is taken after the final norm), got {layer!r}")
+        dev = next(m.parameters()).device
+        out = m(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                output_hidden_states=True)
+        return out.hidden_states[layer + 1]
 
     def token_logprobs(self, batch: dict[str, Any], model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob of each label token: ``(logp (B, T-1), mask (B, T-1) bool)``; 0 where masked."""
