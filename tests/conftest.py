@@ -5,10 +5,15 @@ Every test runs on one CPU thread: the machines these tests run on are small and
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# results cached by one test session must never answer for another: a private cache per session
+os.environ["UNLEARN_CACHE"] = tempfile.mkdtemp(prefix="unlearn-test-cache-")
 
 
 @pytest.fixture(scope="session")
