@@ -67,3 +67,33 @@ def test_mia_suite_matches_scores_computed_by_hand(tiny_adapter, splits):
 def test_unknown_suite_suggests():
     with pytest.raises(ValueError, match="did you mean 'tofu'"):
         get_suite("tofo")
+
+
+def test_shared_prefix_pass_matches_plain_pass(tiny_adapter, splits):
+    from unlearn.evaluators.harness import TeacherForced
+
+    items = splits["forget"]
+    reqs = [TeacherForced("answer", outputs=frozenset({"nll", "token_logprobs", "memorization"})),
+            TeacherForced("paraphrased_answer"), TeacherForced("perturbed_answer", 2)]
+    shared = harness.run_shared_prefix(tiny_adapter, items, reqs, batch_size=5)
+    for r, got in zip(reqs, shared):
+        plain = r.run(tiny_adapter, items, batch_size=7)
+        assert got["nll"] == pytest.approx(plain["nll"], rel=1e-5)
+        assert list(got["n"]) == list(plain["n"])
+    assert shared[0]["exact_memorization"] == pytest.approx(reqs[0].run(tiny_adapter, items, 4)["exact_memorization"])
+    # the harness takes the shared path for a plain TextAdapter in split mode ...
+    res = harness.evaluate(tiny_adapter, {"forget": items}, get_suite("tofu", max_new_tokens=4), progress=False)
+    assert any(k.startswith("shared_prefix") for k in res["passes"]["forget"]["seconds"])
+    # ... and never for a subclass that changes the logits
+    from unlearn.adapters.text import TextAdapter
+
+    class Shifted(TextAdapter):
+        def logits(self, batch, model=None):
+            return super().logits(batch, model) * 0.5
+
+    sh = Shifted(tiny_adapter.model, tiny_adapter.tokenizer)
+    assert not sh.supports_shared_prefix
+    res2 = harness.evaluate(sh, {"forget": items}, get_suite("tofu", max_new_tokens=4), progress=False)
+    assert not any(k.startswith("shared_prefix") for k in res2["passes"]["forget"]["seconds"])
+    assert res2["splits"]["forget"]["metrics"]["prob"]["value"] != pytest.approx(
+        res["splits"]["forget"]["metrics"]["prob"]["value"])

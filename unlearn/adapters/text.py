@@ -221,6 +221,13 @@ class TextAdapter:
         idx = torch.tensor(indices if indices is not None else list(range(len(items))), dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "index": idx}
 
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """True when scores may be computed by calling ``self.model`` with a KV-cached prompt
+        (the evaluation harness's shared-prefix pass). A subclass that changes :meth:`logits`
+        (a guarded or logit-difference model) gets False, so every score goes through it."""
+        return type(self).logits is TextAdapter.logits
+
     # ------------------------------------------------------------------ scores
     def logits(self, batch: dict[str, Any], model=None) -> torch.Tensor:
         """Next-token logits, shape (B, T, V) -- position t predicts token t+1."""
