@@ -376,7 +376,9 @@ def test_selection_params_are_checked(selection, needle):
 def test_valid_selections():
     for selection in ({"name": "full"}, {"name": "lora"}, {"name": "lora", "params": {"target_modules": "all-linear"}},
                       {"name": "regex", "params": {"pattern": r"layers\.[01]\."}}):
-        load_recipe({"name": "x", "method": {"selection": selection}})
+        r = load_recipe({"name": "x", "method": {"selection": selection}})
+        assert r.method.selection.name == selection["name"]
+        assert dict(r.method.selection.params) == selection.get("params", {})
 
 
 # -- the generic loader ------------------------------------------------------------------------
