@@ -287,16 +287,25 @@ def _plot_truth_ratios(path: Path, models: dict[str, Any]) -> bool:
     plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    bins = np.linspace(0, 1, 26)
+    logs = {}
     for name in _ORDER:
         res = models.get(name)
         if res is None or "forget" not in res["splits"]:
             continue
-        r = np.asarray(res["splits"]["forget"]["truth_ratio_raw"])
-        ax.hist(np.minimum(r, 1 / (r + 1e-10)), bins=bins, alpha=0.5, label=name, density=True)
-    ax.set_xlabel("forget-set truth ratio  min(R, 1/R)")
+        r = np.asarray(res["splits"]["forget"]["truth_ratio_raw"], dtype=float)
+        logs[name] = np.log10(np.clip(r, 1e-12, None))
+    if not logs:
+        plt.close(fig)
+        return False
+    lo = min(v.min() for v in logs.values())
+    hi = max(v.max() for v in logs.values())
+    bins = np.linspace(lo, max(hi, lo + 1e-6), 31)
+    for name, v in logs.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=name, density=True)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("log10 R,  R = P(perturbed) / P(paraphrase)   (< 0: prefers the truth)")
     ax.set_ylabel("density")
-    ax.set_title("Forget truth ratios: the unlearned model should look like the retain model")
+    ax.set_title("Forget truth ratios (goal: match the retain model)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
