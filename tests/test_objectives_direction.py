@@ -20,10 +20,10 @@ def data():
 
 
 def _forget_prob(ad, items):
-    from unlearn.evaluators.tofu_suite import _nll_pass
+    from unlearn.evaluators.harness import TeacherForced
 
-    nll, n, _, _ = _nll_pass(ad, items, "answer", batch_size=64)
-    return M.prob(nll, n).value
+    r = TeacherForced("answer").run(ad, items, batch_size=64)
+    return M.prob(r["nll"], r["n"]).value
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())

@@ -9,7 +9,8 @@ import pytest
 from unlearn import zoo
 from unlearn.adapters.text import TextAdapter
 from unlearn.evaluators import tofu as M
-from unlearn.evaluators import tofu_suite
+from unlearn.evaluators import harness
+from unlearn.evaluators.suites import get_suite
 from unlearn.tasks.tofu_world import WorldConfig, build_world
 
 MODELS = ["target", "retain90", "retain95", "retain99"]
@@ -41,12 +42,12 @@ def test_unknown_zoo_name_suggests_the_right_one():
 
 def test_target_knows_forget10_and_retain_model_does_not(world, models):
     forget = world.split("forget10")
-    gens = models["target"].generate([q["question"] for q in forget], max_new_tokens=40, batch_size=64)
-    rouge = M.rouge_l_recall(gens, [q["answer"] for q in forget]).value
+    suite = get_suite("tofu", max_new_tokens=40)
+    res = {k: harness.evaluate(m, {"forget": forget}, suite, batch_size=64, progress=False)["splits"]["forget"]
+           for k, m in models.items()}
+    rouge = res["target"]["metrics"]["rouge"]["value"]
     assert rouge >= 0.9, rouge
-    gens_r = models["retain90"].generate([q["question"] for q in forget[:100]], max_new_tokens=40, batch_size=64)
-    assert M.rouge_l_recall(gens_r, [q["answer"] for q in forget[:100]]).value < rouge - 0.2
-    res = {k: tofu_suite.evaluate_split(m, forget, "forget", batch_size=64, generate=False) for k, m in models.items()}
+    assert res["retain90"]["metrics"]["rouge"]["value"] < rouge - 0.2
     tr_t, tr_r = (np.asarray(res[k]["truth_ratio_raw"]) for k in ("target", "retain90"))
     # target vs retain: clearly different distributions (forget quality < 0.01) ...
     assert M.forget_quality(tr_t, tr_r).value < 0.01
