@@ -58,12 +58,31 @@ class _FakeGradAscent:
         return False
 
 
+@dataclass
+class _FakeEditorConfig:
+    strength: float = 1.0
+
+
+class _FakeEditor:
+    name = "fake_editor"
+    Config = _FakeEditorConfig
+
+    def __init__(self, config=None):
+        self.config = config
+
+    def needs_retain(self) -> bool:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def fake_objectives(monkeypatch):
     registry = Registry("objective")
     registry.register("grad_diff", _FakeGradDiff)
     registry.register("grad_ascent", _FakeGradAscent)
     monkeypatch.setattr(recipe_mod, "_objectives", lambda: registry)
+    editors = Registry("editor")
+    editors.register("fake_editor", _FakeEditor)
+    monkeypatch.setattr(recipe_mod, "_editors", lambda: editors)
     return registry
 
 
@@ -337,8 +356,18 @@ def test_empty_forget_split_name():
 # -- the method ----------------------------------------------------------------------------------
 def test_unknown_objective_with_did_you_mean():
     msg = error_of({"name": "x", "method": {"name": "grad_dif"}})
-    assert msg == ("recipe key 'method.name' is 'grad_dif', which is not a known objective; "
-                   "allowed: grad_ascent, grad_diff; did you mean 'grad_diff'?")
+    assert msg == ("recipe key 'method.name' is 'grad_dif', which is not a known objective or editor; "
+                   "allowed: fake_editor, grad_ascent, grad_diff; did you mean 'grad_diff'?")
+
+
+def test_editor_method_resolves_and_rejects_selection():
+    from unlearn.recipe import load_recipe, resolve_method
+
+    r = load_recipe({"name": "x", "method": {"name": "fake_editor", "params": {"strength": 2}}})
+    cls, cfg = resolve_method(r)
+    assert cls is _FakeEditor and cfg.strength == 2.0
+    msg = error_of({"name": "x", "method": {"name": "fake_editor", "selection": {"name": "lora"}}})
+    assert msg.startswith("recipe key 'method.selection' is set, but 'fake_editor' (method.name) is an editor")
 
 
 def test_bad_objective_params():
@@ -352,7 +381,7 @@ def test_bad_objective_params():
 
 def test_objective_that_needs_retain_without_a_retain_split():
     msg = error_of({"name": "x", "task": {"retain_split": None}})
-    assert msg.startswith("recipe key 'task.retain_split' is null, but objective 'grad_diff'")
+    assert msg.startswith("recipe key 'task.retain_split' is null, but method 'grad_diff'")
     # a retain-free objective, or a configuration without the retain term, is fine
     load_recipe({"name": "x", "task": {"retain_split": None}, "method": {"name": "grad_ascent"}})
     load_recipe({"name": "x", "task": {"retain_split": None}, "method": {"params": {"alpha": 0}}})

@@ -389,30 +389,44 @@ def _objectives():
     return OBJECTIVES
 
 
+def _editors():
+    """The editor registry (imported lazily)."""
+    from unlearn.editors import EDITORS
+
+    return EDITORS
+
+
 def resolve_method(recipe: Recipe) -> tuple[type, Any]:
-    """Look up ``method.name`` and build its Config from ``method.params``.
+    """Look up ``method.name`` (an objective or an editor) and build its Config from ``method.params``.
 
     Returns:
-        ``(objective_cls, config)``; ``objective_cls(config)`` is the objective to train with.
+        ``(method_cls, config)``; ``method_cls(config)`` is the objective to train with, or an
+        :class:`~unlearn.editors.base.Editor` (ULD, ECO, ...) that returns the model to evaluate.
 
     Raises:
-        RecipeError: unknown objective (with the allowed names and a "did you mean"), a bad
-            ``method.params`` key or value, or an objective that needs a retain set while
-            ``task.retain_split`` is null.
+        RecipeError: unknown method (with the allowed names and a "did you mean"), a bad
+            ``method.params`` key or value, a method that needs a retain set while
+            ``task.retain_split`` is null, or a ``method.selection`` given to an editor.
     """
-    registry = _objectives()
+    registry, editors = _objectives(), _editors()
     name = recipe.method.name
-    if name not in registry:
-        names = registry.names()
-        raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective; "
+    if name in registry:
+        method_cls = registry.get(name)
+    elif name in editors:
+        method_cls = editors.get(name)
+        if recipe.method.selection.name != "full" or recipe.method.selection.params:
+            raise RecipeError(f"recipe key 'method.selection' is set, but {name!r} (method.name) is an editor that "
+                              "chooses what it changes itself (see its method.params); remove method.selection")
+    else:
+        names = sorted(registry.names() + editors.names())
+        raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective or editor; "
                           f"allowed: {', '.join(names)}" + suggest(name, names))
-    objective_cls = registry.get(name)
-    config = from_dict(objective_cls.Config, recipe.method.params, "method.params")
-    if recipe.task.retain_split is None and objective_cls(config).needs_retain():
-        raise RecipeError(f"recipe key 'task.retain_split' is null, but objective {name!r} (method.name) with "
+    config = from_dict(method_cls.Config, recipe.method.params, "method.params")
+    if recipe.task.retain_split is None and method_cls(config).needs_retain():
+        raise RecipeError(f"recipe key 'task.retain_split' is null, but method {name!r} (method.name) with "
                           "these method.params uses a retain set; name a retain split (e.g. retain90) "
-                          "or choose a retain-free objective")
-    return objective_cls, config
+                          "or choose a retain-free method")
+    return method_cls, config
 
 
 def _read_yaml(path: Path) -> Any:

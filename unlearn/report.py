@@ -338,8 +338,12 @@ def write_report(run_dir: Path, recipe, metrics: dict[str, Any], prov: dict[str,
     lines = [f"# Run `{recipe.name}`", ""]
     if recipe.description:
         lines += [recipe.description.strip(), ""]
-    lines += [f"- method: **{recipe.method.name}** ({prov['objective']['paper']}), selection "
-              f"`{prov['selection']['name']}` ({prov['selection']['trainable']:,} of {prov['selection']['total']:,} parameters trainable)",
+    sel = prov.get("selection")
+    how = (f"selection `{sel['name']}` ({sel['trainable']:,} of {sel['total']:,} parameters trainable)" if sel
+           else "an editor: the evaluated model is what it returned" + (
+               f" ({', '.join(f'{k} {v}' for k, v in metrics['editor'].get('headline', {}).items())})"
+               if metrics.get("editor", {}).get("headline") else ""))
+    lines += [f"- method: **{recipe.method.name}** ({prov['objective']['paper']}), {how}",
               f"- model: `{recipe.model.source}` (fingerprint {prov['model']['fingerprint_before']} -> {prov['model']['fingerprint_after']})",
               f"- task: `{recipe.task.name}` forget `{recipe.task.forget_split}`, retain `{recipe.task.retain_split}`, "
               f"retain model `{recipe.task.retain_model}`",

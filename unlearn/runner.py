@@ -241,7 +241,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     from unlearn.selection import apply_selection, finalize_selection
     from unlearn.tasks.tofu import load_tofu
     from unlearn.tasks.tofu_world import WorldConfig
-    from unlearn.trainer import TrainSettings, train
+    from unlearn.trainer import TrainLog, TrainSettings, train
 
     import transformers
 
@@ -249,7 +249,14 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     transformers.utils.logging.set_verbosity_error()
     if not isinstance(recipe, Recipe) or overrides:
         recipe = load_recipe(recipe if not isinstance(recipe, Recipe) else to_dict(recipe), list(overrides))
-    objective_cls, obj_config = resolve_method(recipe)
+    from unlearn.editors import EditContext, Editor
+
+    method_cls, method_config = resolve_method(recipe)
+    is_editor = isinstance(method_cls, type) and issubclass(method_cls, Editor)
+    if is_editor and recipe.train.evaluates_during_training:
+        raise ValueError(f"method {recipe.method.name!r} is an editor (it returns a model rather than training the "
+                         "target step by step): train.eval_every / train.eval_every_epoch / train.select_best do not "
+                         "apply; remove them")
     torch.set_num_threads(recipe.model.threads)
     set_seed(recipe.seed)
     t_start = time.time()
@@ -263,9 +270,9 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         world = WorldConfig(**vars(t.world)) if t.name == "tofu" else None
         data = load_tofu(name=t.name, world=world, path=t.path, forget_split=t.forget_split,
                          retain_split=t.retain_split, eval_splits=t.eval_splits, seed=recipe.seed)
-        objective = objective_cls(obj_config)
+        objective = method_cls(method_config)
         if objective.needs_retain() and data.retain is None:
-            raise ValueError(f"objective {objective.name!r} needs task.retain_split")
+            raise ValueError(f"method {objective.name!r} needs task.retain_split")
 
         # ---- models -----------------------------------------------------------------------
         kw = dict(prompt_template=t.prompt_template, tokenization=t.tokenization)
@@ -308,24 +315,37 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             te_baseline["utility_ratio"] = 1.0 if te_baseline["model_utility"] else None
 
         # ---- unlearn ----------------------------------------------------------------------
-        reference = adapter.reference() if objective.needs_reference() else None
-        objective.setup(adapter, reference, data.forget)
-        sel = recipe.method.selection
-        sel_info = apply_selection(adapter, sel.name, dict(sel.params))
-        before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
         settings = TrainSettings(epochs=tr.epochs, max_steps=tr.max_steps, lr=tr.lr, batch_size=tr.batch_size,
                                  grad_accum=tr.grad_accum, optimizer=tr.optimizer, weight_decay=tr.weight_decay,
                                  scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm)
-        train_eval = None
-        if te_splits is not None:
-            train_eval = TrainEval(adapter, te_splits, tr, retain_res=te_retain, baseline=te_baseline,
-                                   ev={**ev, "suite": "tofu", "cache_dir": None, "progress": False}, spill_dir=rd.path)
-        log = train(adapter, objective, data.forget, data.retain, settings, seed=recipe.seed, progress=progress,
-                    callback=train_eval)
-        selected = train_eval.restore_best() if train_eval is not None else None
-        n_changed = sum(1 for n, p in adapter.model.named_parameters() if n in before and not (p == before[n]).all())
-        finalize_selection(adapter)
-        del reference
+        train_eval = selected = None
+        editor_info = None
+        if is_editor:
+            before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+            edit = objective.apply(adapter, data, EditContext(settings=settings, seed=recipe.seed, progress=progress,
+                                                              eval_batch_size=recipe.eval.batch_size))
+            log = edit.log if edit.log is not None else TrainLog(seed=recipe.seed)
+            editor_info = edit.info
+            n_changed = sum(1 for n, p in adapter.model.named_parameters() if not (p == before[n]).all())
+            del before
+            adapter = edit.adapter
+            sel_info = None
+        else:
+            reference = adapter.reference() if objective.needs_reference() else None
+            objective.setup(adapter, reference, data.forget)
+            sel = recipe.method.selection
+            sel_info = apply_selection(adapter, sel.name, dict(sel.params))
+            before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
+            if te_splits is not None:
+                train_eval = TrainEval(adapter, te_splits, tr, retain_res=te_retain, baseline=te_baseline,
+                                       ev={**ev, "suite": "tofu", "cache_dir": None, "progress": False},
+                                       spill_dir=rd.path)
+            log = train(adapter, objective, data.forget, data.retain, settings, seed=recipe.seed, progress=progress,
+                        callback=train_eval)
+            selected = train_eval.restore_best() if train_eval is not None else None
+            n_changed = sum(1 for n, p in adapter.model.named_parameters() if n in before and not (p == before[n]).all())
+            finalize_selection(adapter)
+            del reference, before
         unl_res = tofu_suite.evaluate(adapter, splits, label="unlearned", **{**ev, "cache_dir": None})
         fingerprint_after = adapter.fingerprint()
         if attack_fn is not None:
@@ -358,7 +378,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             model={"source": recipe.model.source, "fingerprint_before": target_fp, "fingerprint_after": fingerprint_after},
             retain_model={"source": t.retain_model, "fingerprint": retain_adapter.fingerprint()} if retain_adapter else None,
             data=data.fingerprints(), tokenization=t.tokenization, prompt_template=t.prompt_template,
-            objective={"name": objective.name, "paper": objective.paper}, selection=sel_info.to_dict(),
+            objective={"name": objective.name, "paper": objective.paper, "kind": "editor" if is_editor else "objective"},
+            selection=sel_info.to_dict() if sel_info is not None else None,
             parameters_changed=n_changed,
         )
         # every result file carries what reproduces it: the resolved recipe and the provenance
@@ -368,6 +389,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             metrics["train_eval"] = train_eval.record(selected)
         if attacks:
             metrics["attacks"] = attacks
+        if editor_info is not None:
+            metrics["editor"] = editor_info
         import yaml
 
         atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -61,7 +61,7 @@ def resolve_source(source: str) -> str:
         return str(zoo_path(source[4:]))
     p = Path(source).expanduser()
     if p.is_dir():
-        if not (p / "config.json").exists():
+        if not (p / "config.json").exists() and not (p / "wrapper.json").exists():
             raise ValueError(f"model path {source!r} exists but holds no config.json; point it at a saved model directory")
         return str(p)
     if p.exists():
@@ -115,6 +115,10 @@ class TextAdapter:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         where = resolve_source(source)
+        from unlearn.editors import is_wrapped_dir, load_wrapped
+
+        if is_wrapped_dir(where):  # a wrapped model (ULD, ECO, ...) saved by its adapter
+            return load_wrapped(where, dtype=dtype, **kwargs)
         try:
             tok = AutoTokenizer.from_pretrained(where)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])

@@ -1,0 +1,88 @@
+"""The editor contract: a method that returns a (possibly wrapped) model instead of training
+the target in place.
+
+Objectives (``unlearn.objectives``) are losses the trainer minimises on the target's own
+weights. Editors cover everything else DESIGN.md lists: closed-form edits, inference-time
+guards (ECO) and models assembled from parts (ULD's logit difference). An editor gets the
+target adapter and the data and returns an :class:`EditResult` whose ``adapter`` is what the
+harness evaluates. A wrapped adapter is a :class:`~unlearn.adapters.text.TextAdapter` subclass
+that keeps the adapter contract (``logits``, ``item_nll``, ``token_logprobs``, ``generate``,
+``reference``, ``save``, ``fingerprint``), so every metric, attack and the lm-eval bridge run
+on it unchanged.
+
+Saving a wrapped adapter writes a directory with ``wrapper.json`` (``{"kind": <editor name>,
+...}``) next to whatever the editor needs; :func:`unlearn.editors.load_wrapped` (and therefore
+``TextAdapter.load``) rebuilds it from that directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+WRAPPER_FILE = "wrapper.json"
+
+
+@dataclass
+class EditorConfig:
+    """Base class of every editor's config dataclass (fields carry ``metadata={"help": ...}``)."""
+
+
+@dataclass
+class EditContext:
+    """What the run gives an editor besides the model and the data.
+
+    Attributes:
+        settings: the recipe's ``train`` section as :class:`~unlearn.trainer.TrainSettings`
+            (editors that train a helper model, e.g. ULD's assistant, use it).
+        seed: the recipe seed.
+        progress: show progress bars.
+        eval_batch_size: batch size for any evaluation the editor runs itself (ECO's sigma search).
+    """
+
+    settings: Any
+    seed: int = 0
+    progress: bool = True
+    eval_batch_size: int = 32
+
+
+@dataclass
+class EditResult:
+    """The output of :meth:`Editor.apply`.
+
+    Attributes:
+        adapter: the model the harness evaluates (a wrapper around the target, or the edited target).
+        log: a :class:`~unlearn.trainer.TrainLog` when the editor trained something, else ``None``.
+        info: JSON-able facts about the edit (recorded in ``metrics.json`` under ``editor``),
+            e.g. trainable parameter counts, the chosen threshold, a search trace.
+    """
+
+    adapter: Any
+    log: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Editor:
+    """Base class. Subclasses set the class attributes and implement :meth:`apply`.
+
+    Class attributes:
+        name: registry name used in recipes (``method.name``).
+        Config: the config dataclass; recipe ``method.params`` are validated against it.
+        paper: citation shown in docs and reports.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = EditorConfig
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: EditorConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def needs_retain(self) -> bool:
+        """True if this configuration uses the retain set (then the recipe must name one)."""
+        return False
+
+    def apply(self, adapter, data, ctx: EditContext) -> EditResult:
+        """Edit or wrap ``adapter`` (the target; it may be modified only if the editor says so
+        in its docstring) using ``data`` (:class:`~unlearn.data.UnlearningData`)."""
+        raise NotImplementedError
