@@ -478,3 +478,15 @@ def test_tofu_full_suite_needs_holdout_split():
     r = load_recipe({"name": "x", "eval": {"suite": "tofu-full"},
                      "task": {"eval_splits": ["forget", "holdout", "retain_eval", "real_authors", "world_facts"]}})
     assert r.eval.suite == "tofu-full"
+
+
+def test_attack_suite_robustness_expands_to_every_attack():
+    from unlearn.recipe import ATTACKS
+
+    r = load_recipe({"name": "x", "eval": {"attacks": ["robustness"]}})
+    assert r.eval.attacks == list(ATTACKS)
+    msg = error_of({"name": "x", "eval": {"attacks": ["robustnes"]}})
+    assert msg.startswith("recipe key 'eval.attacks[0]' is 'robustnes', not a known attack or attack set")
+    assert msg.endswith("did you mean 'robustness'?")
+    msg = error_of({"name": "x", "eval": {"attacks": ["robustness", "relearn"]}})
+    assert "repeats 'relearn'" in msg

@@ -33,6 +33,9 @@ UTILITY_EVAL_SPLITS = ("retain_eval", "real_authors", "world_facts")
 # Attacks on the unlearned model (``unlearn.evaluators.attacks``), for ``eval.attacks``.
 ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_reverse", "jailbreak_mc",
            "in_context", "relearn", "quantize_8bit", "quantize_4bit")
+# Named attack sets, usable as one entry of ``eval.attacks`` (expanded in place); versioned:
+# a set's content only changes with a new name.
+ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with its default settings
 SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -294,7 +297,8 @@ class EvalSpec:
     compare_target: bool = _opt(True, help="also evaluate the model before unlearning, for before/after tables")
     n_samples: int = _opt(5, help="generations shown per split in the report")
     max_items: int | None = _opt(None, help="evaluate only the first N items of each split (smoke runs); null: all")
-    attacks: list[str] = _opt(factory=list, help="attacks run on the unlearned model (and the target) over the forget split")
+    attacks: list[str] = _opt(factory=list, help="attacks run on the unlearned model (and the target) over the forget "
+                                                 "split; 'robustness' stands for all of them")
     attack_params: dict[str, dict[str, Any]] = _opt(factory=dict, help="settings per attack, by attack name")
 
     def __post_init__(self) -> None:
@@ -302,11 +306,16 @@ class EvalSpec:
         _positive(self, "max_items", allow_none=True)
         if self.n_samples < 0:
             raise invalid("n_samples", f"must be >= 0, got {self.n_samples}")
+        expanded: list[str] = []
+        for name in self.attacks:
+            expanded += list(ATTACK_SUITES[name]) if name in ATTACK_SUITES else [name]
+        self.attacks = expanded
         seen = set()
+        allowed = ", ".join([*ATTACKS, *ATTACK_SUITES])
         for i, name in enumerate(self.attacks):
             if name not in ATTACKS:
-                raise invalid(f"attacks[{i}]", f"is {name!r}, not a known attack; allowed: {', '.join(ATTACKS)}"
-                              + suggest(name, ATTACKS))
+                raise invalid(f"attacks[{i}]", f"is {name!r}, not a known attack or attack set; allowed: {allowed}"
+                              + suggest(name, [*ATTACKS, *ATTACK_SUITES]))
             if name in seen:
                 raise invalid(f"attacks[{i}]", f"repeats {name!r}")
             seen.add(name)
