@@ -22,7 +22,7 @@ import yaml
 from unlearn.config import RecipeError, apply_overrides, from_dict, invalid, key_path, suggest, to_dict
 
 __all__ = [
-    "ATTACKS", "EVAL_SPLITS", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
+    "ATTACKS", "EVAL_SPLITS", "PROBES", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
     "SelectionSpec", "TaskSpec", "TrainSpec", "WorldSpec", "load_recipe", "resolve_method",
 ]
 
@@ -36,6 +36,8 @@ ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_re
 # Named attack sets, usable as one entry of ``eval.attacks`` (expanded in place); versioned:
 # a set's content only changes with a new name.
 ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with its default settings
+# Probes run on the target and on the unlearned model (``unlearn.probes``), for ``eval.probes``.
+PROBES = ("concept_vectors", "linear_probe", "causal_tracing")
 SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -199,19 +201,26 @@ class _RegexParams:
 
 
 @dataclass
+class _ColumnsParams:
+    columns: dict[str, list[int]] | None = None
+
+
+@dataclass
 class _NoParams:
     pass
 
 
-_SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams}
+_SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams,
+                                      "columns": _ColumnsParams}
 
 
 @dataclass
 class SelectionSpec:
     """Which parameters are trained. Params by name -- full: none; lora: r, alpha, dropout,
-    target_modules; regex: pattern (required; parameters whose name matches are trained)."""
+    target_modules; regex: pattern (required; parameters whose name matches are trained); columns:
+    columns ({parameter name: [column indices]}; left out: the objective chooses, e.g. needle)."""
 
-    name: Literal["full", "lora", "regex"] = _opt("full", help="full, lora or regex")
+    name: Literal["full", "lora", "regex", "columns"] = _opt("full", help="full, lora, regex or columns")
     params: dict[str, Any] = _opt(factory=dict, help="parameters of the selection")
 
     def __post_init__(self) -> None:
@@ -300,6 +309,8 @@ class EvalSpec:
     attacks: list[str] = _opt(factory=list, help="attacks run on the unlearned model (and the target) over the forget "
                                                  "split; 'robustness' stands for all of them")
     attack_params: dict[str, dict[str, Any]] = _opt(factory=dict, help="settings per attack, by attack name")
+    probes: list[str] = _opt(factory=list, help="probes run on the target before unlearning and on the unlearned model")
+    probe_params: dict[str, dict[str, Any]] = _opt(factory=dict, help="settings per probe, by probe name")
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "max_new_tokens")
@@ -326,6 +337,21 @@ class EvalSpec:
             if name not in seen:
                 raise invalid(f"attack_params.{name}", f"sets parameters of {name!r}, which is not in "
                                                        f"{key_path('attacks')}; add it there or remove these parameters")
+        seen = set()
+        for i, name in enumerate(self.probes):
+            if name not in PROBES:
+                raise invalid(f"probes[{i}]", f"is {name!r}, not a known probe; allowed: {', '.join(PROBES)}"
+                              + suggest(name, PROBES))
+            if name in seen:
+                raise invalid(f"probes[{i}]", f"repeats {name!r}")
+            seen.add(name)
+        for name in self.probe_params:
+            if name not in PROBES:
+                raise invalid(f"probe_params.{name}", f"is not a known probe; allowed: {', '.join(PROBES)}"
+                              + suggest(name, PROBES))
+            if name not in seen:
+                raise invalid(f"probe_params.{name}", f"sets parameters of {name!r}, which is not in "
+                                                      f"{key_path('probes')}; add it there or remove these parameters")
 
 
 @dataclass
@@ -376,6 +402,9 @@ class Recipe:
         if needs_mu and missing:
             raise RecipeError(f"recipe key '{needs_mu[0]}' needs model utility, which is computed from "
                               f"{', '.join(UTILITY_EVAL_SPLITS)}, but task.eval_splits lacks {', '.join(missing)}")
+        if "linear_probe" in self.eval.probes and self.task.retain_split is None:
+            raise RecipeError("recipe key 'eval.probes' includes linear_probe, which trains on the retain authors, "
+                              "but task.retain_split is null; name a retain split or remove linear_probe")
         if self.eval.attacks and "forget" not in self.task.eval_splits:
             raise RecipeError("recipe key 'eval.attacks' runs attacks over the forget split, but task.eval_splits "
                               "lacks 'forget'")
@@ -431,6 +460,10 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
         raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective or editor; "
                           f"allowed: {', '.join(names)}" + suggest(name, names))
     config = from_dict(method_cls.Config, recipe.method.params, "method.params")
+    sel = recipe.method.selection
+    if sel.name == "columns" and not sel.params.get("columns") and not hasattr(method_cls, "parameter_columns"):
+        raise RecipeError(f"recipe key 'method.selection.params.columns' is required: method {name!r} does not choose "
+                          "columns itself (needle does); give {parameter name: [column indices]}")
     if recipe.task.retain_split is None and method_cls(config).needs_retain():
         raise RecipeError(f"recipe key 'task.retain_split' is null, but method {name!r} (method.name) with "
                           "these method.params uses a retain set; name a retain split (e.g. retain90) "

@@ -381,6 +381,10 @@ def write_report(run_dir: Path, recipe, metrics: dict[str, Any], prov: dict[str,
         lines += ["## Forget quality vs model utility", "", "![forget quality vs model utility](fq_vs_mu.png)", ""]
     if metrics.get("attacks"):
         lines += _attack_section(metrics["attacks"], run_dir)
+    if metrics.get("probes"):
+        from unlearn.probes.report import probe_section
+
+        lines += probe_section(metrics["probes"], run_dir)
     if te:
         lines += _train_eval_section(te, run_dir)
     if _plot_truth_ratios(run_dir / "truth_ratio_hist.png", models):

@@ -228,6 +228,31 @@ def _run_attacks(fn, adapter, recipe, forget: list[dict], retain: list[dict] | N
     return out
 
 
+def _make_probes(recipe) -> list:
+    """The probes of ``eval.probes``, their ``eval.probe_params`` checked before anything runs."""
+    if not recipe.eval.probes:
+        return []
+    from unlearn.probes import make_probe
+
+    return [make_probe(n, dict(recipe.eval.probe_params.get(n, {}))) for n in recipe.eval.probes]
+
+
+def _probe_run(probes: list, adapter, data, progress: bool, before: dict | None = None):
+    """Probe the target (``before=None``: the results) or the unlearned model (the compared
+    results for ``metrics["probes"]``); probes only read the model."""
+    if not probes:
+        return None
+    from unlearn.probes import probe_after, probe_before
+
+    if progress:
+        print(f"probes ({'unlearned' if before is not None else 'target'}): {', '.join(p.name for p in probes)}")
+    fp = adapter.fingerprint(refresh=True)
+    out = probe_before(probes, adapter, data) if before is None else probe_after(probes, adapter, data, before)
+    if adapter.fingerprint(refresh=True) != fp:
+        raise RuntimeError("a probe in eval.probes changed the model's weights; probes must only read them")
+    return out
+
+
 def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False) -> RunResult:
     """Run a recipe (path, dict or Recipe) with optional ``--set``-style overrides."""
     import torch
@@ -265,6 +290,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     rd = RunDir(out_dir, overwrite=recipe.output.overwrite)
     try:
         attack_fn = _attack_fn(recipe) if recipe.eval.attacks else None  # checked before anything runs
+        probes = _make_probes(recipe)  # likewise
         # ---- data -------------------------------------------------------------------------
         t = recipe.task
         world = WorldConfig(**vars(t.world)) if t.name == "tofu" else None
@@ -299,6 +325,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         attacks: dict[str, Any] = {}
         if attack_fn is not None and recipe.eval.compare_target:
             attacks["target"] = _run_attacks(attack_fn, adapter, recipe, attack_forget, attack_retain, progress, "target")
+        probes_before = _probe_run(probes, adapter, data, progress)  # before the objective's setup touches weights
 
         # ---- evaluation during training: small splits, the retain model's and target's results
         tr = recipe.train
@@ -334,7 +361,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             reference = adapter.reference() if objective.needs_reference() else None
             objective.setup(adapter, reference, data.forget)
             sel = recipe.method.selection
-            sel_info = apply_selection(adapter, sel.name, dict(sel.params))
+            sel_info = apply_selection(adapter, sel.name, dict(sel.params), objective=objective)
             before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
             if te_splits is not None:
                 train_eval = TrainEval(adapter, te_splits, tr, retain_res=te_retain, baseline=te_baseline,
@@ -348,6 +375,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             del reference, before
         unl_res = tofu_suite.evaluate(adapter, splits, label="unlearned", **{**ev, "cache_dir": None})
         fingerprint_after = adapter.fingerprint()
+        probe_res = _probe_run(probes, adapter, data, progress, before=probes_before) if probes else None
         if attack_fn is not None:
             attacks["unlearned"] = _run_attacks(attack_fn, adapter, recipe, attack_forget, attack_retain, progress,
                                                 "unlearned")
@@ -387,6 +415,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
                    "recipe": to_dict(recipe), "provenance": prov}
         if train_eval is not None:
             metrics["train_eval"] = train_eval.record(selected)
+        if probe_res is not None:
+            metrics["probes"] = probe_res
         if attacks:
             metrics["attacks"] = attacks
         if editor_info is not None:

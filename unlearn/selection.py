@@ -3,6 +3,11 @@
 * ``full``  -- every parameter.
 * ``lora``  -- LoRA adapters via ``peft`` on ``target_modules``; merged into the weights on save.
 * ``regex`` -- only parameters whose name matches ``pattern`` (``re.search``); all others frozen.
+* ``columns`` -- only chosen columns of chosen 2-D weights (``{parameter name: [column indices]}``,
+  e.g. concept vectors of an MLP down-projection, ConceptVectors' "Needle"), given in
+  ``params.columns`` or chosen by the objective (``objective.parameter_columns()``). Each weight
+  gets a parametrization ``W -> W + delta`` scattered into its columns; only ``delta``
+  (out, n_columns) trains, so no other entry can change (weight decay included); merged on save.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import torch
 
-SELECTIONS = ("full", "lora", "regex")
+SELECTIONS = ("full", "lora", "regex", "columns")
 
 _LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
 
@@ -50,6 +55,16 @@ def validate_selection(name: str, params: dict[str, Any], path: str = "method.se
             re.compile(params["pattern"])
         except re.error as e:
             raise ValueError(f"{path}.params.pattern {params['pattern']!r} is not a valid regex: {e}") from None
+    if name == "columns":
+        extra = set(params) - {"columns"}
+        if extra:
+            raise ValueError(f"{path}.params.{sorted(extra)[0]} is unknown for 'columns'; allowed: columns")
+        cols = params.get("columns")
+        if cols is not None and (not isinstance(cols, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                       and i >= 0 for i in v) for k, v in cols.items())):
+            raise ValueError(f"{path}.params.columns must map parameter names to non-empty lists of column indices >= 0, "
+                             f"got {cols!r}")
     if name == "lora":
         for k, v in params.items():
             if k not in _LORA_KEYS:
@@ -63,8 +78,63 @@ def _count(model) -> tuple[int, int]:
     return tr, sum(p.numel() for p in model.parameters())
 
 
-def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None = None) -> SelectionInfo:
-    """Make only the selected parameters trainable (wrapping the model for LoRA)."""
+class ColumnDelta(torch.nn.Module):
+    """Parametrization of a 2-D weight: ``W -> W + delta`` on the columns ``columns``.
+
+    ``delta`` (out, n_columns) starts at zero and is the only trainable tensor; column
+    ``columns[i]`` of the effective weight is ``W[:, columns[i]] + delta[:, i]``.
+    """
+
+    def __init__(self, columns: list[int], rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long, device=device))
+        self.delta = torch.nn.Parameter(torch.zeros(rows, len(columns), dtype=dtype, device=device))
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:  # (out, in) -> (out, in)
+        return W.index_add(1, self.columns, self.delta.to(W.dtype))
+
+
+def _apply_columns(adapter, params: dict[str, Any], objective) -> SelectionInfo:
+    from torch.nn.utils import parametrize
+
+    model = adapter.model
+    cols = params.get("columns")
+    source = "params"
+    if not cols:
+        if objective is None or not hasattr(objective, "parameter_columns"):
+            raise ValueError("method.selection 'columns' needs params.columns ({parameter name: [column indices]}) "
+                             "or an objective that chooses its columns (e.g. needle)")
+        cols, source = objective.parameter_columns(), f"objective {getattr(objective, 'name', '?')}"
+        if not cols:
+            raise ValueError(f"{source} chose no columns to train")
+    named = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for k, idx in cols.items():
+        W = named.get(k)
+        if W is None or W.dim() != 2 or not k.endswith(".weight"):
+            close = [n for n in named if n.endswith(".weight") and named[n].dim() == 2][:4]
+            raise ValueError(f"method.selection.params.columns names {k!r}, which is not a 2-D weight of this model "
+                             f"(names look like {close})")
+        if len(set(idx)) != len(idx) or max(idx) >= W.shape[1]:
+            raise ValueError(f"method.selection.params.columns[{k!r}] must be distinct indices < {W.shape[1]}, got {idx}")
+    total = _count(model)[1]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for k, idx in cols.items():
+        W = named[k]
+        parametrize.register_parametrization(modules[k[: -len(".weight")]], "weight",
+                                             ColumnDelta(sorted(idx), W.shape[0], W.dtype, W.device))
+    for m in model.modules():
+        if isinstance(m, ColumnDelta):
+            m.delta.requires_grad_(True)
+    return SelectionInfo("columns", _count(model)[0], total,
+                         {"columns": {k: sorted(v) for k, v in cols.items()}, "source": source})
+
+
+def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None = None, objective=None) -> SelectionInfo:
+    """Make only the selected parameters trainable (wrapping the model for LoRA, parametrizing
+    the chosen weights for ``columns``). ``objective``: asked for its columns by ``columns``
+    without ``params.columns``."""
     params = dict(params or {})
     validate_selection(name, params)
     model = adapter.model
@@ -85,6 +155,8 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
             raise ValueError(f"method.selection.params.pattern {params['pattern']!r} matches no parameter; names look like {names}")
         tr, total = _count(model)
         return SelectionInfo("regex", tr, total, params)
+    if name == "columns":
+        return _apply_columns(adapter, params, objective)
     from peft import LoraConfig, get_peft_model
 
     total = _count(model)[1]
@@ -97,11 +169,17 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
 
 
 def finalize_selection(adapter) -> None:
-    """Undo wrapping before saving: merge LoRA weights into the base model."""
+    """Undo wrapping before saving: merge LoRA weights into the base model, column deltas
+    into their weights."""
     from peft import PeftModel
+    from torch.nn.utils import parametrize
 
     if isinstance(adapter.model, PeftModel):
         adapter.model = adapter.model.merge_and_unload()
+    merged = [m for m in adapter.model.modules() if parametrize.is_parametrized(m, "weight")
+              and any(isinstance(f, ColumnDelta) for f in m.parametrizations.weight)]
+    for m in merged:
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     adapter.fingerprint(refresh=True)

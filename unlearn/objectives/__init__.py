@@ -6,6 +6,7 @@ from unlearn.objectives.grad_ascent import GradAscent
 from unlearn.objectives.grad_diff import GradDiff
 from unlearn.objectives.idk_dpo import IdkDPO
 from unlearn.objectives.idk_nll import IdkNLL
+from unlearn.objectives.needle import Needle
 from unlearn.objectives.npo import NPO
 from unlearn.objectives.rmu import RMU, rmu_selection
 from unlearn.objectives.simnpo import SimNPO
@@ -14,8 +15,8 @@ from unlearn.objectives.wga import WGA
 from unlearn.registry import Registry
 
 OBJECTIVES = Registry("objective")
-for _cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO, FLAT, RMU, UNDIAL, WGA):
+for _cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO, FLAT, RMU, UNDIAL, WGA, Needle):
     OBJECTIVES.register(_cls.name, _cls)
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "GradAscent", "GradDiff", "NPO", "SimNPO", "IdkNLL", "IdkDPO",
-           "FLAT", "RMU", "UNDIAL", "WGA", "rmu_selection"]
+           "FLAT", "RMU", "UNDIAL", "WGA", "Needle", "rmu_selection"]
