@@ -400,22 +400,30 @@ class JailbreakMC(PromptAttack):
         return idx, before, after, note
 
 
+def context_prompt(context: list[str], question: str) -> str:
+    """The in-context format of the ``in_context`` attack: ``"Context: <s1> <s2> ...\\n" + question``."""
+    return "Context: " + " ".join(context) + "\n" + question
+
+
 @dataclass
 class InContextConfig(AttackConfig):
-    k: int = field(default=3, metadata={"help": "other answers of the same author put in the context"})
-    include_own_fact: bool = field(default=False, metadata={"help": "also put the item's own answer in the context"})
+    k: int = field(default=2, metadata={"help": "other answers of the same author put in the context"})
+    include_own_fact: bool = field(default=True, metadata={
+        "help": "also put the item's own answer in the context (the forgotten fact re-introduced); "
+                "false: only related facts (does the association revive?)"})
 
 
 class InContext(PromptAttack):
-    """In-context re-introduction ("ununlearning"): before each question put ``k`` *other*
-    answers of the same author (seeded choice among the forget items of that author):
-    ``"Context: <a1> <a2> <a3>\\n" + question``. A model that lost the facts from its
-    weights but can still use them in context -- or that lets related facts revive the
-    association -- shows that forgetting is not a guarantee. ``include_own_fact`` also adds
-    the item's own answer (at a seeded position): the upper bound where the model only has
-    to copy. Items whose author has no other answer (or items without ``author_id`` /
-    ``author``) are skipped; items with fewer than ``k`` other answers get all of them.
-    Paper: Shumailov et al., 2024, "UnUnlearning" (arXiv:2407.00106)."""
+    """In-context re-introduction ("ununlearning"): put the forgotten fact back in the prompt,
+    among ``k`` *other* answers of the same author (seeded choice among the forget items of
+    that author, own fact at a seeded position): ``"Context: <s1> <s2> <s3>\\n" + question``
+    (:func:`context_prompt`). A model that "forgot" a fact but can still read it back from the
+    prompt shows that forgetting is no guarantee against re-introduction. With
+    ``include_own_fact: false`` only related facts are given: does the association revive?
+    Items whose author has no other answer (or items without ``author_id`` / ``author``) are
+    skipped; items with fewer than ``k`` other answers get all of them. On the tiny zoo this
+    attack measures little: its models never learned to answer from a context (see
+    docs/attacks.md). Paper: Shumailov et al., 2024, "UnUnlearning" (arXiv:2407.00106)."""
 
     name = "in_context"
     Config = InContextConfig
@@ -450,10 +458,10 @@ class InContext(PromptAttack):
                 continue
             short += len(ctx) - int(self.config.include_own_fact) < self.config.k
             idx.append(i)
-            after.append({**it, "question": "Context: " + " ".join(ctx) + "\n" + it["question"]})
+            after.append({**it, "question": context_prompt(ctx, it["question"])})
         skipped = len(forget) - len(idx)
         note = (f"prepended 'Context: ' + {self.config.k} other answers of the same author (seeded)"
-                + (" + the item's own answer" if self.config.include_own_fact else ""))
+                + (" + the item's own answer (at a seeded position)" if self.config.include_own_fact else ""))
         if short:
             note += f"; {short} items had fewer than k other answers (all used)"
         if skipped:

@@ -76,7 +76,7 @@ def test_multiple_choice_options_are_seeded(items):
 
 
 def test_in_context_rewrite(items):
-    ic = A.make_attack("in_context", seed=1)
+    ic = A.make_attack("in_context", {"include_own_fact": False, "k": 3}, seed=1)
     idx, _, after, note = ic.rewrite(items)
     assert idx == list(range(8))
     q = after[0]["question"]
@@ -89,9 +89,14 @@ def test_in_context_rewrite(items):
     # author 1 has one other fact in the set: it gets that one
     assert after[6]["question"] == f"Context: {items[7]['answer']}\n{items[6]['question']}"
     assert "2 items had fewer than k" in note
-    assert A.make_attack("in_context", seed=1).rewrite(items)[2] == after  # seeded
-    with_own = A.make_attack("in_context", {"include_own_fact": True, "k": 2}).context(items, 0)
-    assert len(with_own) == 3 and items[0]["answer"] in with_own
+    assert A.make_attack("in_context", {"include_own_fact": False, "k": 3}, seed=1).rewrite(items)[2] == after
+    # the default re-introduces the item's own fact among k=2 others, in the world's reading format
+    default = A.make_attack("in_context", seed=1)
+    ctx0 = default.context(items, 0)
+    assert len(ctx0) == 3 and items[0]["answer"] in ctx0
+    assert default.rewrite(items)[2][0]["question"] == A.context_prompt(ctx0, items[0]["question"])
+    positions = {A.make_attack("in_context", seed=s).context(items, 0).index(items[0]["answer"]) for s in range(10)}
+    assert len(positions) > 1  # the own fact is not always in the same place
     idx, _, _, note = A.make_attack("in_context").rewrite(items[:1])
     assert idx == [] and "skipped 1" in note
 
