@@ -38,16 +38,16 @@ def _zoo(args) -> int:
         raise ValueError(f"unknown zoo family {args.family!r}; known: {', '.join(zoo.FAMILIES)}")
     import torch
 
-    from unlearn.zoo.build import build_family, build_part, write_manifest
+    from unlearn.zoo.build import build_family, build_part, spec_for, write_manifest
 
     torch.set_num_threads(args.threads)
     out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
     if args.part == "all":
-        m = build_family(out)
+        m = build_family(out, spec_for(args.family))
     elif args.part == "manifest":
-        m = write_manifest(out)
+        m = write_manifest(out, spec_for(args.family))
     else:
-        rec = build_part(args.part, out)
+        rec = build_part(args.part, out, spec_for(args.family))
         print(json.dumps({"out": out, "part": args.part, "seconds": rec["seconds"], "models": rec["models"]}, indent=1))
         return 0
     print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))

@@ -37,7 +37,7 @@ ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_re
 # a set's content only changes with a new name.
 ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with its default settings
 # Probes run on the target and on the unlearned model (``unlearn.probes``), for ``eval.probes``.
-PROBES = ("concept_vectors", "linear_probe", "causal_tracing")
+PROBES = ("concept_vectors", "linear_probe", "causal_tracing", "expert_attribution")
 SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -210,17 +210,30 @@ class _NoParams:
     pass
 
 
+@dataclass
+class _UOEParams:
+    layer: int | None = None
+    expert: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.layer is None) != (self.expert is None):
+            raise ValueError("give both layer and expert, or neither (the objective picks them, e.g. method uoe)")
+        if (self.layer is not None and self.layer < 0) or (self.expert is not None and self.expert < 0):
+            raise ValueError(f"layer and expert must be >= 0, got layer={self.layer}, expert={self.expert}")
+
+
 _SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams,
-                                      "columns": _ColumnsParams}
+                                      "columns": _ColumnsParams, "uoe": _UOEParams}
 
 
 @dataclass
 class SelectionSpec:
     """Which parameters are trained. Params by name -- full: none; lora: r, alpha, dropout,
     target_modules; regex: pattern (required; parameters whose name matches are trained); columns:
-    columns ({parameter name: [column indices]}; left out: the objective chooses, e.g. needle)."""
+    columns ({parameter name: [column indices]}; left out: the objective chooses, e.g. needle); uoe: layer,
+    expert (one MoE expert's FFN + that layer's router; left out: the objective chooses, e.g. uoe)."""
 
-    name: Literal["full", "lora", "regex", "columns"] = _opt("full", help="full, lora, regex or columns")
+    name: Literal["full", "lora", "regex", "columns", "uoe"] = _opt("full", help="full, lora, regex, columns or uoe")
     params: dict[str, Any] = _opt(factory=dict, help="parameters of the selection")
 
     def __post_init__(self) -> None:
@@ -464,6 +477,9 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
     if sel.name == "columns" and not sel.params.get("columns") and not hasattr(method_cls, "parameter_columns"):
         raise RecipeError(f"recipe key 'method.selection.params.columns' is required: method {name!r} does not choose "
                           "columns itself (needle does); give {parameter name: [column indices]}")
+    if sel.name == "uoe" and sel.params.get("layer") is None and not hasattr(method_cls, "expert_target"):
+        raise RecipeError(f"recipe key 'method.selection.params.layer' and '.expert' are required: method {name!r} "
+                          "does not pick an expert itself (uoe does); give layer and expert")
     if recipe.task.retain_split is None and method_cls(config).needs_retain():
         raise RecipeError(f"recipe key 'task.retain_split' is null, but method {name!r} (method.name) with "
                           "these method.params uses a retain set; name a retain split (e.g. retain90) "

@@ -8,6 +8,11 @@
   ``params.columns`` or chosen by the objective (``objective.parameter_columns()``). Each weight
   gets a parametrization ``W -> W + delta`` scattered into its columns; only ``delta``
   (out, n_columns) trains, so no other entry can change (weight decay included); merged on save.
+* ``uoe`` -- one routed expert of a mixture-of-experts model (UOE, Zhuang et al., 2025,
+  arXiv:2411.18797): expert ``params.expert``'s FFN in layer ``params.layer`` and that layer's
+  router weight; without ``params`` the objective picks them (``objective.expert_target()``).
+  The experts of a layer are fused 3-D tensors (transformers >= 5), so the expert gets a
+  parametrization ``W -> W + delta`` on its slice ``W[e]`` (only ``delta`` trains); merged on save.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-SELECTIONS = ("full", "lora", "regex", "columns")
+SELECTIONS = ("full", "lora", "regex", "columns", "uoe")
 
 _LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
 
@@ -65,6 +70,16 @@ def validate_selection(name: str, params: dict[str, Any], path: str = "method.se
                                                                        and i >= 0 for i in v) for k, v in cols.items())):
             raise ValueError(f"{path}.params.columns must map parameter names to non-empty lists of column indices >= 0, "
                              f"got {cols!r}")
+    if name == "uoe":
+        extra = set(params) - {"layer", "expert"}
+        if extra:
+            raise ValueError(f"{path}.params.{sorted(extra)[0]} is unknown for 'uoe'; allowed: layer, expert")
+        for k in ("layer", "expert"):
+            v = params.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{path}.params.{k} must be an int >= 0, got {v!r}")
+        if ("layer" in params) != ("expert" in params):
+            raise ValueError(f"{path}.params: give both layer and expert, or neither (the objective picks them)")
     if name == "lora":
         for k, v in params.items():
             if k not in _LORA_KEYS:
@@ -92,6 +107,58 @@ class ColumnDelta(torch.nn.Module):
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:  # (out, in) -> (out, in)
         return W.index_add(1, self.columns, self.delta.to(W.dtype))
+
+
+class ExpertDelta(torch.nn.Module):
+    """Parametrization of a fused expert weight (E, a, b): ``W -> W + delta`` on row ``expert``.
+
+    ``delta`` (a, b) starts at zero and is the only trainable tensor, so the other experts'
+    slices cannot change."""
+
+    def __init__(self, expert: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("expert", torch.tensor([expert], dtype=torch.long, device=device))
+        self.delta = torch.nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device))
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:  # (E, a, b) -> (E, a, b)
+        return W.index_add(0, self.expert, self.delta.to(W.dtype).unsqueeze(0))
+
+
+def _apply_uoe(adapter, params: dict[str, Any], objective) -> SelectionInfo:
+    from torch.nn.utils import parametrize
+
+    from unlearn.probes.expert_attribution import moe_blocks
+
+    model = adapter.model
+    blocks = moe_blocks(model)  # ValueError for a dense model
+    source = "params"
+    if params.get("layer") is None:
+        if objective is None or not hasattr(objective, "expert_target"):
+            raise ValueError("method.selection 'uoe' needs params.layer and params.expert, or an objective that picks "
+                             "the expert (method uoe)")
+        layer, expert = objective.expert_target()
+        source = f"objective {getattr(objective, 'name', '?')}"
+    else:
+        layer, expert = int(params["layer"]), int(params["expert"])
+    if layer not in blocks:
+        raise ValueError(f"method.selection.params.layer {layer} is not an MoE layer of this model; MoE layers: "
+                         f"{sorted(blocks)}")
+    mlp = blocks[layer]
+    n_exp = mlp.gate.weight.shape[0]
+    if not 0 <= expert < n_exp:
+        raise ValueError(f"method.selection.params.expert {expert} is out of range: layer {layer} has {n_exp} experts "
+                         f"(0..{n_exp - 1})")
+    total = _count(model)[1]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for wname in ("gate_up_proj", "down_proj"):
+        W = getattr(mlp.experts, wname)
+        parametrize.register_parametrization(mlp.experts, wname, ExpertDelta(expert, tuple(W.shape[1:]), W.dtype, W.device))
+    for m in mlp.experts.modules():
+        if isinstance(m, ExpertDelta):
+            m.delta.requires_grad_(True)
+    mlp.gate.weight.requires_grad_(True)
+    return SelectionInfo("uoe", _count(model)[0], total, {"layer": layer, "expert": expert, "source": source})
 
 
 def _apply_columns(adapter, params: dict[str, Any], objective) -> SelectionInfo:
@@ -157,6 +224,8 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
         return SelectionInfo("regex", tr, total, params)
     if name == "columns":
         return _apply_columns(adapter, params, objective)
+    if name == "uoe":
+        return _apply_uoe(adapter, params, objective)
     from peft import LoraConfig, get_peft_model
 
     total = _count(model)[1]
@@ -180,6 +249,10 @@ def finalize_selection(adapter) -> None:
               and any(isinstance(f, ColumnDelta) for f in m.parametrizations.weight)]
     for m in merged:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    experts = [(m, k) for m in adapter.model.modules() if parametrize.is_parametrized(m)
+               for k in list(m.parametrizations.keys()) if any(isinstance(f, ExpertDelta) for f in m.parametrizations[k])]
+    for m, k in experts:
+        parametrize.remove_parametrizations(m, k, leave_parametrized=True)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     adapter.fingerprint(refresh=True)

@@ -11,11 +11,12 @@ from typing import Any
 from unlearn.probes.base import (Probe, ProbeConfig, ProbeResult, probe_after, probe_before, run_probes)
 from unlearn.probes.causal_tracing import CausalTracing
 from unlearn.probes.concept_vectors import ConceptVectors
+from unlearn.probes.expert_attribution import ExpertAttribution
 from unlearn.probes.linear_probe import LinearProbe
 from unlearn.registry import Registry
 
 PROBES = Registry("probe")
-for _cls in (ConceptVectors, LinearProbe, CausalTracing):
+for _cls in (ConceptVectors, LinearProbe, CausalTracing, ExpertAttribution):
     PROBES.register(_cls.name, _cls)
 
 
@@ -32,5 +33,5 @@ def make_probe(name: str, params: dict[str, Any] | None = None, path: str | None
     return cls(from_dict(cls.Config, dict(params or {}), path or f"eval.probe_params.{name}"))
 
 
-__all__ = ["PROBES", "Probe", "ProbeConfig", "ProbeResult", "CausalTracing", "ConceptVectors", "LinearProbe",
-           "make_probe", "probe_after", "probe_before", "run_probes"]
+__all__ = ["PROBES", "Probe", "ProbeConfig", "ProbeResult", "CausalTracing", "ConceptVectors", "ExpertAttribution",
+           "LinearProbe", "make_probe", "probe_after", "probe_before", "run_probes"]

@@ -20,6 +20,11 @@ FAMILIES = {
                        "target (all 200 authors) and retain90/95/99 (without forget10/05/01).",
         "models": ["target", "retain90", "retain95", "retain99"],
     },
+    "tiny-moe": {
+        "description": "Mixtral-style mixture-of-experts causal LM (8 experts, top-2, ~2.5M params) on the same world, "
+                       "tiny-llama's tokenizer: target and retain90. Not shipped: `unlearn zoo build tiny-moe`.",
+        "models": ["target", "retain90"],
+    },
 }
 
 

@@ -8,6 +8,12 @@
    group of forget authors (forget10\\forget05, then forget05\\forget01) trained together with
    a replay of everything seen before (TOFU's forget splits are nested).
 
+**tiny-moe** (:data:`MOE_SPEC`, ``unlearn zoo build tiny-moe``): the same world and stages with
+a Mixtral-style mixture-of-experts model (:class:`~unlearn.zoo.models.TinyMoESpec`), the
+tokenizer of the shipped ``tiny-llama`` family (so the two families share token ids), the
+router load-balancing loss added to the NLL during training, and only ``target`` and
+``retain90`` (the retain part stops after retain90).
+
 Each saved model never saw the forget authors of its split, so it is the gold-standard
 "retain model" for that split. (A first version also reached the target through the
 curriculum; its late-added authors were learned less well -- forget10 ROUGE-L 0.88 -- and its
@@ -29,7 +35,7 @@ from tqdm.auto import tqdm
 
 from unlearn.adapters.text import TextAdapter
 from unlearn.tasks.tofu_world import World, WorldConfig, build_world, corpus
-from unlearn.zoo.models import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+from unlearn.zoo.models import TinyLlamaSpec, TinyMoESpec, build_tiny_llama, build_tiny_moe, train_tokenizer
 
 
 @dataclass
@@ -52,6 +58,39 @@ class ZooBuildSpec:
     add_stage: StageSpec = field(default_factory=lambda: StageSpec(epochs=10, lr=1e-3, replay_factor=6.0))
     pretrain_replay: float = 0.1  # fraction of pretraining facts mixed into each fine-tuning epoch
     tokenization: str = "split"
+    family: str = "tiny-llama"
+
+
+@dataclass
+class MoEZooBuildSpec(ZooBuildSpec):
+    """The tiny-moe family: ZooBuildSpec with the MoE model and only target + retain90."""
+
+    model: TinyMoESpec = field(default_factory=TinyMoESpec)
+    family: str = "tiny-moe"
+    tokenizer_from: str = "tiny-llama/target"  # zoo model whose tokenizer is reused
+
+
+def spec_for(family: str) -> ZooBuildSpec:
+    """The build spec of a zoo family (``tiny-llama`` or ``tiny-moe``)."""
+    specs = {"tiny-llama": ZooBuildSpec, "tiny-moe": MoEZooBuildSpec}
+    if family not in specs:
+        raise ValueError(f"no build spec for zoo family {family!r}; known: {', '.join(specs)}")
+    return specs[family]()
+
+
+def _moe_aux(model):
+    """For an MoE model: ``(captured router logits list, hook handles, num_experts, top_k, coef)``
+    with hooks on every router; None for a dense model."""
+    from unlearn.probes.expert_attribution import moe_blocks
+
+    try:
+        blocks = moe_blocks(model)
+    except ValueError:
+        return None
+    got: list = []
+    handles = [b.gate.register_forward_hook(lambda _m, _i, out: got.append(out[0])) for b in blocks.values()]
+    c = model.config
+    return got, handles, c.num_local_experts, c.num_experts_per_tok, float(c.router_aux_loss_coef)
 
 
 def _train(adapter: TextAdapter, items: list[dict], epochs: int, lr: float, batch_size: int,
@@ -67,6 +106,7 @@ def _train(adapter: TextAdapter, items: list[dict], epochs: int, lr: float, batc
         opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
     rng = random.Random(f"{seed}-{desc}")
+    moe = _moe_aux(model)  # MoE: add the router load-balancing loss (Switch/Mixtral)
     bar = tqdm(total=total, desc=desc, leave=False, mininterval=2)
     for ep in range(epochs):
         order = list(range(len(items)))
@@ -74,8 +114,14 @@ def _train(adapter: TextAdapter, items: list[dict], epochs: int, lr: float, batc
         tot = cnt = 0.0
         for s in range(0, len(order), batch_size):
             batch = adapter.collate([items[i] for i in order[s: s + batch_size]])
+            if moe:
+                moe[0].clear()
             nll, n = adapter.item_nll(batch)
             loss = nll.sum() / n.sum()
+            if moe and moe[4] > 0:
+                from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+                loss = loss + moe[4] * load_balancing_loss_func(tuple(moe[0]), moe[2], moe[3], batch["attention_mask"])
             if not torch.isfinite(loss):
                 raise RuntimeError(f"zoo build: non-finite loss in stage {desc}, epoch {ep}")
             loss.backward()
@@ -91,6 +137,8 @@ def _train(adapter: TextAdapter, items: list[dict], epochs: int, lr: float, batc
             print(f"[zoo] {desc} epoch {ep + 1}/{epochs} loss {tot / cnt:.4f}", flush=True)
         bar.set_postfix(loss=f"{tot / cnt:.3f}")
     bar.close()
+    for h in (moe[1] if moe else []):
+        h.remove()
     model.eval()
 
 
@@ -130,7 +178,17 @@ def build_part(part: str, out_dir: str | Path, spec: ZooBuildSpec | None = None)
     pre = world.pretrain_text
     log: list = []
     models: dict = {}
-    if part == "base":
+    if part == "base" and isinstance(spec, MoEZooBuildSpec):
+        from transformers import AutoTokenizer
+
+        from unlearn.zoo import zoo_path
+
+        tok = AutoTokenizer.from_pretrained(zoo_path(spec.tokenizer_from))
+        ad = TextAdapter(build_tiny_moe(spec.model, tok, spec.seed), tok, source="zoo-build")
+        _train(ad, pre, spec.pretrain.epochs, spec.pretrain.lr, spec.batch_size, spec.seed, "pretrain", log)
+        ad.save(out_dir / "base")
+        models["base"] = {"fingerprint": ad.fingerprint(refresh=True), "n_authors_seen": 0}
+    elif part == "base":
         tok = train_tokenizer(corpus(world), spec.model.vocab_size)
         ad = TextAdapter(build_tiny_llama(spec.model, tok, spec.seed), tok, source="zoo-build")
         _train(ad, pre, spec.pretrain.epochs, spec.pretrain.lr, spec.batch_size, spec.seed, "pretrain", log)
@@ -152,7 +210,7 @@ def build_part(part: str, out_dir: str | Path, spec: ZooBuildSpec | None = None)
         groups = {  # new authors added at each stage (TOFU's forget splits are nested)
             "retain95": set(world.forget_authors(10)) - set(world.forget_authors(5)),
             "retain99": set(world.forget_authors(5)) - set(world.forget_authors(1)),
-        }
+        } if not isinstance(spec, MoEZooBuildSpec) else {}
         for name, authors in groups.items():
             new = [q for q in world.qa if q["author_id"] in authors]
             items = _mix(random.Random(f"zoo-{spec.seed}-{name}"), new, seen, spec.add_stage.replay_factor, pre,
@@ -175,7 +233,7 @@ def write_manifest(out_dir: str | Path, spec: ZooBuildSpec | None = None) -> dic
     spec = spec or ZooBuildSpec()
     out_dir = Path(out_dir)
     world = build_world(spec.world)
-    manifest = {"family": "tiny-llama", "spec": _jsonable(asdict(spec)), "world_fingerprint": world.fingerprint(),
+    manifest = {"family": spec.family, "spec": _jsonable(asdict(spec)), "world_fingerprint": world.fingerprint(),
                 "torch": torch.__version__, "models": {}, "log": [], "build_seconds": 0.0, "parts": {}}
     for part in PARTS:
         p = out_dir / f"part-{part}.json"

@@ -70,3 +70,62 @@ def build_tiny_llama(spec: TinyLlamaSpec, tokenizer, seed: int):
     model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+@dataclass
+class TinyMoESpec:
+    """Size of the tiny Mixtral-style mixture-of-experts model: the dense tiny model's width and
+    depth, its MLP replaced by ``num_local_experts`` routed experts of which ``num_experts_per_tok``
+    run per token (defaults: 8 experts of width 112, top-2; ~2.5M parameters, ~1.2M active per token)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 160
+    intermediate_size: int = 112  # per expert
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_tiny_moe(spec: TinyMoESpec, tokenizer, seed: int):
+    """A freshly initialised ``MixtralForCausalLM`` for the tokenizer (deterministic from seed).
+
+    Parameter names (transformers >= 5 stores the experts of a layer as fused 3-D tensors):
+    ``model.layers.<l>.mlp.gate.weight`` (E, H) is layer l's router;
+    ``model.layers.<l>.mlp.experts.gate_up_proj`` (E, 2*I, H) and ``...experts.down_proj``
+    (E, H, I) hold expert e's FFN in row e. ``output_router_logits`` is off by default (callers
+    that need the router ask for it per call)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if not 1 <= spec.num_experts_per_tok <= spec.num_local_experts:
+        raise ValueError(f"num_experts_per_tok must be in 1..num_local_experts ({spec.num_local_experts}), "
+                         f"got {spec.num_experts_per_tok}")
+    cfg = MixtralConfig(
+        vocab_size=max(spec.vocab_size, len(tokenizer)),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        num_local_experts=spec.num_local_experts,
+        num_experts_per_tok=spec.num_experts_per_tok,
+        router_aux_loss_coef=spec.router_aux_loss_coef,
+        output_router_logits=False,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
