@@ -42,3 +42,11 @@ def load_wrapped(path: str | Path, **kwargs):
 
 __all__ = ["EDITORS", "WRAPPER_LOADERS", "WRAPPER_FILE", "EditContext", "Editor", "EditorConfig", "EditResult",
            "register_editor", "is_wrapped_dir", "load_wrapped"]
+
+from unlearn.editors.uld import ULD, load_uld  # noqa: E402
+
+register_editor(ULD, load_uld)
+
+from unlearn.editors.eco import ECO, load_eco  # noqa: E402
+
+register_editor(ECO, load_eco)
