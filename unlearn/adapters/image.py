@@ -162,11 +162,9 @@ class ImageAdapter:
     def fingerprint(self, refresh: bool = False) -> str:
         """sha256 (16 hex) over parameter/buffer names and bytes of the UNet and text encoder."""
         if self._fingerprint is None or refresh:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            from unlearn.adapters import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
     # ------------------------------------------------------------------ batches

@@ -26,7 +26,6 @@ Tokenisation (recorded in every result as ``tokenization``):
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -151,11 +150,9 @@ class TextAdapter:
     def fingerprint(self, refresh: bool = False) -> str:
         """sha256 (16 hex) over parameter names and bytes: identifies the exact weights."""
         if self._fingerprint is None or refresh:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            from unlearn.adapters import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
     @property

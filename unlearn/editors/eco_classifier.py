@@ -97,11 +97,9 @@ class SentenceEncoder:
     def fingerprint(self) -> str:
         """sha256 (16 hex) over the encoder's parameter names and bytes."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            from unlearn.adapters import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
     @torch.no_grad()
