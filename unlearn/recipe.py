@@ -334,37 +334,32 @@ class EvalSpec:
         for name in self.attacks:
             expanded += list(ATTACK_SUITES[name]) if name in ATTACK_SUITES else [name]
         self.attacks = expanded
-        seen = set()
-        allowed = ", ".join([*ATTACKS, *ATTACK_SUITES])
-        for i, name in enumerate(self.attacks):
-            if name not in ATTACKS:
-                raise invalid(f"attacks[{i}]", f"is {name!r}, not a known attack or attack set; allowed: {allowed}"
-                              + suggest(name, [*ATTACKS, *ATTACK_SUITES]))
-            if name in seen:
-                raise invalid(f"attacks[{i}]", f"repeats {name!r}")
-            seen.add(name)
-        for name in self.attack_params:
-            if name not in ATTACKS:
-                raise invalid(f"attack_params.{name}", f"is not a known attack; allowed: {', '.join(ATTACKS)}"
-                              + suggest(name, ATTACKS))
-            if name not in seen:
-                raise invalid(f"attack_params.{name}", f"sets parameters of {name!r}, which is not in "
-                                                       f"{key_path('attacks')}; add it there or remove these parameters")
-        seen = set()
-        for i, name in enumerate(self.probes):
-            if name not in PROBES:
-                raise invalid(f"probes[{i}]", f"is {name!r}, not a known probe; allowed: {', '.join(PROBES)}"
-                              + suggest(name, PROBES))
-            if name in seen:
-                raise invalid(f"probes[{i}]", f"repeats {name!r}")
-            seen.add(name)
-        for name in self.probe_params:
-            if name not in PROBES:
-                raise invalid(f"probe_params.{name}", f"is not a known probe; allowed: {', '.join(PROBES)}"
-                              + suggest(name, PROBES))
-            if name not in seen:
-                raise invalid(f"probe_params.{name}", f"sets parameters of {name!r}, which is not in "
-                                                      f"{key_path('probes')}; add it there or remove these parameters")
+        _check_named_list(self.attacks, self.attack_params, "attacks", "attack", ATTACKS, ATTACK_SUITES)
+        _check_named_list(self.probes, self.probe_params, "probes", "probe", PROBES)
+
+
+def _check_named_list(names: list[str], params: dict, key: str, kind: str, known: tuple[str, ...],
+                      sets: dict | None = None) -> None:
+    """Check ``eval.<key>`` (known names, no repeats) and ``eval.<key minus s>_params`` (only names
+    listed in ``eval.<key>``); ``sets`` are named groups already expanded in ``names``."""
+    sets = sets or {}
+    choices = [*known, *sets]
+    what = f"a known {kind}" + (f" or {kind} set" if sets else "")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name not in known:
+            raise invalid(f"{key}[{i}]", f"is {name!r}, not {what}; allowed: {', '.join(choices)}"
+                          + suggest(name, choices))
+        if name in seen:
+            raise invalid(f"{key}[{i}]", f"repeats {name!r}")
+        seen.add(name)
+    for name in params:
+        if name not in known:
+            raise invalid(f"{kind}_params.{name}", f"is not a known {kind}; allowed: {', '.join(known)}"
+                          + suggest(name, known))
+        if name not in seen:
+            raise invalid(f"{kind}_params.{name}", f"sets parameters of {name!r}, which is not in "
+                                                   f"{key_path(key)}; add it there or remove these parameters")
 
 
 @dataclass
