@@ -65,3 +65,19 @@ def test_rebuild_reproduces_the_shipped_models(tmp_path):
     rebuilt = build_family(tmp_path / "tiny-llama")
     for m in MODELS:
         assert rebuilt["models"][m]["fingerprint"] == man["models"][m]["fingerprint"], m
+
+
+def test_tiny_moe_is_shipped_and_knows_forget10_better_than_its_retain_model(world):
+    from unlearn.evaluators.harness import TeacherForced
+
+    man = zoo.manifest("tiny-moe")
+    assert man is not None and man["world_fingerprint"] == world.fingerprint()
+    forget = world.split("forget10")[:100]
+    probs = {}
+    for m in ("target", "retain90"):
+        ad = TextAdapter.load(f"zoo:tiny-moe/{m}")
+        assert ad.fingerprint() == man["models"][m]["fingerprint"], m
+        assert ad.model.config.model_type == "mixtral"
+        r = TeacherForced("answer").run(ad, forget, batch_size=50)
+        probs[m] = M.prob(r["nll"], r["n"]).value
+    assert probs["target"] > 0.8 and probs["retain90"] < probs["target"] - 0.5, probs

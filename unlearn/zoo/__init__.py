@@ -22,7 +22,7 @@ FAMILIES = {
     },
     "tiny-moe": {
         "description": "Mixtral-style mixture-of-experts causal LM (8 experts, top-2, ~2.5M params) on the same world, "
-                       "tiny-llama's tokenizer: target and retain90. Not shipped: `unlearn zoo build tiny-moe`.",
+                       "tiny-llama's tokenizer: target and retain90.",
         "models": ["target", "retain90"],
     },
 }
