@@ -230,6 +230,7 @@ def test_the_moe_recipe_names_the_build_command_when_the_zoo_is_missing(tmp_path
 
     monkeypatch.setenv("UNLEARN_ZOO_DIR", str(tmp_path / "nothing"))
     monkeypatch.setattr("unlearn.zoo.cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr("unlearn.zoo.ASSETS", tmp_path / "no-assets")  # as if the zoo were not shipped
     with pytest.raises(ValueError, match="unlearn zoo build tiny-moe"):
         unlearn.run("recipes/tofu-moe-uoe.yaml", overrides=[f"output.dir={tmp_path / 'run'}"], progress=False)
 
