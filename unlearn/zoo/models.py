@@ -47,12 +47,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def build_tiny_llama(spec: TinyLlamaSpec, tokenizer, seed: int):
-    """A freshly initialised ``LlamaForCausalLM`` for the tokenizer (deterministic from seed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
+def _config_kwargs(spec, tokenizer) -> dict:
+    """The config fields the tiny dense and MoE models share (sizes, special tokens, attention)."""
+    return dict(
         vocab_size=max(spec.vocab_size, len(tokenizer)),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -66,10 +63,23 @@ def build_tiny_llama(spec: TinyLlamaSpec, tokenizer, seed: int):
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
+
+
+def _init(model_cls, cfg, tokenizer, seed: int):
+    """A freshly initialised ``model_cls(cfg)``, deterministic from ``seed``."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = model_cls(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def build_tiny_llama(spec: TinyLlamaSpec, tokenizer, seed: int):
+    """A freshly initialised ``LlamaForCausalLM`` for the tokenizer (deterministic from seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _init(LlamaForCausalLM, LlamaConfig(**_config_kwargs(spec, tokenizer)), tokenizer, seed)
 
 
 @dataclass
@@ -100,32 +110,17 @@ def build_tiny_moe(spec: TinyMoESpec, tokenizer, seed: int):
     ``model.layers.<l>.mlp.experts.gate_up_proj`` (E, 2*I, H) and ``...experts.down_proj``
     (E, H, I) hold expert e's FFN in row e. ``output_router_logits`` is off by default (callers
     that need the router ask for it per call)."""
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     if not 1 <= spec.num_experts_per_tok <= spec.num_local_experts:
         raise ValueError(f"num_experts_per_tok must be in 1..num_local_experts ({spec.num_local_experts}), "
                          f"got {spec.num_experts_per_tok}")
     cfg = MixtralConfig(
-        vocab_size=max(spec.vocab_size, len(tokenizer)),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **_config_kwargs(spec, tokenizer),
         num_local_experts=spec.num_local_experts,
         num_experts_per_tok=spec.num_experts_per_tok,
         router_aux_loss_coef=spec.router_aux_loss_coef,
         output_router_logits=False,
         sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(cfg)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _init(MixtralForCausalLM, cfg, tokenizer, seed)
