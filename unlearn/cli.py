@@ -14,7 +14,12 @@ def _run(args) -> int:
     s = res.summary
     print(f"run written to {res.run_dir}")
     for name in ("target", "unlearned", "retain"):
-        if name in s:
+        if name in s and "erasure_explicit" in s[name]:  # a visual (concept-erasure) run
+            v = s[name]
+            f = {k: "n/a" if v[k] is None else f"{v[k]:.3f}" for k in v}
+            print(f"  {name:<10} erasure explicit {f['erasure_explicit']} implicit {f['erasure_implicit']}   retain "
+                  f"in-domain {f['retain_in_domain']} cross-domain {f['retain_cross_domain']}   FID-like {f['fid_like']}")
+        elif name in s:
             fq, mu = s[name]["forget_quality"], s[name]["model_utility"]
             fq_s = "not computable" if fq is None else f"{fq:.3g}"
             mu_s = "n/a" if mu is None else f"{mu:.4f}"
@@ -38,6 +43,13 @@ def _zoo(args) -> int:
         raise ValueError(f"unknown zoo family {args.family!r}; known: {', '.join(zoo.FAMILIES)}")
     import torch
 
+    out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
+    if args.family == "tiny-t2i":
+        from unlearn.zoo.build_t2i import build_t2i_family
+
+        m = build_t2i_family(out)
+        print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
+        return 0
     from unlearn.zoo.build import build_family, build_part, spec_for, write_manifest
 
     torch.set_num_threads(args.threads)

@@ -40,6 +40,16 @@ ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with it
 PROBES = ("concept_vectors", "linear_probe", "causal_tracing", "expert_attribution")
 SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+# The visual (image) task: forget / retain training sets and I2P-style evaluation splits.
+VISUAL_FORGET_SPLITS = ("forget", "forget_explicit", "forget_implicit")
+VISUAL_EVAL_SPLITS = ("forget_explicit", "forget_implicit", "retain")
+# Named parameter groups of the image adapter, for selection ``group``.
+IMAGE_PARAMETER_GROUPS = ("cross_attention_kv", "cross_attention", "non_cross_attention", "self_attention",
+                          "time_embedding", "unet", "text_encoder")
+_TEXT_DEFAULTS = {"forget_split": "forget10", "retain_split": "retain90", "retain_model": "zoo:tiny-llama/retain90",
+                  "eval_splits": ["forget", "retain_eval", "real_authors", "world_facts"]}
+_VISUAL_DEFAULTS = {"forget_split": "forget", "retain_split": "retain", "retain_model": None,
+                    "eval_splits": list(VISUAL_EVAL_SPLITS)}
 
 _ZOO = re.compile(r"^zoo:[^/\s]+/[^/\s]+$")
 _PCT_SPLIT = re.compile(r"^(forget|retain)(\d+)$")
@@ -116,11 +126,54 @@ class WorldSpec:
 
 
 @dataclass
-class TaskSpec:
-    """What to forget, what to keep, what to evaluate on, and how items become text."""
+class VisualSpec:
+    """The generated I2P-style visual world (task ``visual``): seed and the concepts to erase."""
 
-    name: Literal["tofu", "tofu_files"] = _opt("tofu", help="tofu: generated world; tofu_files: TOFU-layout files under path")
+    seed: int = _opt(0, help="seed of every render, caption and prompt-table row")
+    erase: list[str] = _opt(factory=lambda: ["colour:red"], help="concepts to erase, attribute:value each")
+    guide: list[str] = _opt(factory=lambda: ["colour:blue"], help="one guide/anchor concept per erase concept "
+                                                                   "(same attribute), what UCE/RECE map it to")
+    prompts_per_combination: int = _opt(2, help="prompt-table rows per (shape, colour, texture) and kind")
+    guidance: float = _opt(3.0, help="classifier-free guidance scale of every prompt-table row")
+
+    def __post_init__(self) -> None:
+        from unlearn.tasks.visual_world import ATTRIBUTES
+
+        if self.seed < 0:
+            raise invalid("seed", f"must be >= 0, got {self.seed}")
+        for key in ("erase", "guide"):
+            for i, c in enumerate(getattr(self, key)):
+                att, _, val = str(c).partition(":")
+                if att not in ATTRIBUTES or val not in ATTRIBUTES[att]:
+                    known = [f"{a}:{v}" for a, vs in ATTRIBUTES.items() for v in vs]
+                    raise invalid(f"{key}[{i}]", f"is {c!r}; a concept is attribute:value, one of {', '.join(known)}"
+                                  + suggest(str(c), known))
+        if not self.erase:
+            raise invalid("erase", "is empty; name at least one concept, e.g. [colour:red]")
+        if len(self.guide) != len(self.erase):
+            raise invalid("guide", f"has {len(self.guide)} entries for {len(self.erase)} erase concepts; give one each")
+        for e, g in zip(self.erase, self.guide):
+            if e.split(":")[0] != g.split(":")[0] or e == g:
+                raise invalid("guide", f"{g!r} for erase {e!r}: the guide must be another value of the same attribute")
+        _positive(self, "prompts_per_combination", "guidance")
+
+    def world_config(self):
+        from unlearn.tasks.visual_world import VisualWorldConfig
+
+        return VisualWorldConfig(seed=self.seed, erase=tuple(self.erase), guide=tuple(self.guide),
+                                 prompts_per_combination=self.prompts_per_combination, guidance=self.guidance)
+
+
+@dataclass
+class TaskSpec:
+    """What to forget, what to keep, what to evaluate on, and how items become text (or images)."""
+
+    name: Literal["tofu", "tofu_files", "visual"] = _opt(
+        "tofu", help="tofu: generated world; tofu_files: TOFU-layout files under path; visual: the I2P-style visual "
+                     "world (text-to-image models; forget_split, retain_split, retain_model and eval_splits then "
+                     "default to forget, retain, null and forget_explicit/forget_implicit/retain)")
     world: WorldSpec = _opt(factory=WorldSpec, help="the generated world (task tofu)")
+    visual: VisualSpec = _opt(factory=VisualSpec, help="the generated visual world (task visual)")
     path: str | None = _opt(None, help="directory of TOFU-layout files (required for tofu_files, forbidden for tofu)")
     forget_split: str = _opt("forget10", help="the forget set")
     retain_split: str | None = _opt("retain90", help="the retain set; null for retain-free methods")
@@ -132,6 +185,9 @@ class TaskSpec:
     prompt_template: str = _opt("Question: {question}\nAnswer:", help="prompt built from an item; must use {question}")
 
     def __post_init__(self) -> None:
+        if self.name == "visual":
+            self._check_visual()
+            return
         if self.name == "tofu" and self.path is not None:
             raise invalid("path", f"must not be set for task 'tofu' (its world is generated from {key_path('world')}); "
                                   "use name 'tofu_files' to read files")
@@ -173,6 +229,29 @@ class TaskSpec:
         if "{question}" not in self.prompt_template:
             raise invalid("prompt_template", f"must contain {{question}}, got {self.prompt_template!r}")
 
+    def _check_visual(self) -> None:
+        # the text defaults become the visual ones (a recipe for the visual task need not repeat them)
+        for k, text_default in _TEXT_DEFAULTS.items():
+            if getattr(self, k) == text_default:
+                setattr(self, k, _VISUAL_DEFAULTS[k])
+        if self.path is not None:
+            raise invalid("path", "must not be set for task 'visual' (its world is generated from task.visual)")
+        if self.forget_split not in VISUAL_FORGET_SPLITS:
+            raise invalid("forget_split", f"must be one of {', '.join(VISUAL_FORGET_SPLITS)} for task 'visual', got "
+                                          f"{self.forget_split!r}" + suggest(self.forget_split, VISUAL_FORGET_SPLITS))
+        if self.retain_split not in (None, "retain"):
+            raise invalid("retain_split", f"must be 'retain' or null for task 'visual', got {self.retain_split!r}")
+        if self.retain_model is not None:
+            raise invalid("retain_model", "must be null for task 'visual' (image metrics need no retain model)")
+        if not self.eval_splits:
+            raise invalid("eval_splits", f"is empty; use some of {', '.join(VISUAL_EVAL_SPLITS)}")
+        for i, split in enumerate(self.eval_splits):
+            if split not in VISUAL_EVAL_SPLITS:
+                raise invalid(f"eval_splits[{i}]", f"is {split!r}; allowed for task 'visual': "
+                                                   f"{', '.join(VISUAL_EVAL_SPLITS)}" + suggest(split, VISUAL_EVAL_SPLITS))
+        if len(set(self.eval_splits)) != len(self.eval_splits):
+            raise invalid("eval_splits", f"repeats a split: {self.eval_splits}")
+
 
 @dataclass
 class _LoraParams:
@@ -211,6 +290,11 @@ class _NoParams:
 
 
 @dataclass
+class _GroupParams:
+    group: Literal[IMAGE_PARAMETER_GROUPS] = "cross_attention"  # type: ignore[valid-type]
+
+
+@dataclass
 class _UOEParams:
     layer: int | None = None
     expert: int | None = None
@@ -223,7 +307,7 @@ class _UOEParams:
 
 
 _SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams,
-                                      "columns": _ColumnsParams, "uoe": _UOEParams}
+                                      "columns": _ColumnsParams, "uoe": _UOEParams, "group": _GroupParams}
 
 
 @dataclass
@@ -231,9 +315,12 @@ class SelectionSpec:
     """Which parameters are trained. Params by name -- full: none; lora: r, alpha, dropout,
     target_modules; regex: pattern (required; parameters whose name matches are trained); columns:
     columns ({parameter name: [column indices]}; left out: the objective chooses, e.g. needle); uoe: layer,
-    expert (one MoE expert's FFN + that layer's router; left out: the objective chooses, e.g. uoe)."""
+    expert (one MoE expert's FFN + that layer's router; left out: the objective chooses, e.g. uoe); group: group
+    (a named parameter group of the image adapter: cross_attention_kv, cross_attention, non_cross_attention,
+    self_attention, time_embedding, unet, text_encoder)."""
 
-    name: Literal["full", "lora", "regex", "columns", "uoe"] = _opt("full", help="full, lora, regex, columns or uoe")
+    name: Literal["full", "lora", "regex", "columns", "uoe", "group"] = _opt(
+        "full", help="full, lora, regex, columns, uoe or group")
     params: dict[str, Any] = _opt(factory=dict, help="parameters of the selection")
 
     def __post_init__(self) -> None:
@@ -313,7 +400,11 @@ class TrainSpec:
 class EvalSpec:
     """The evaluation suite run after unlearning."""
 
-    suite: Literal["tofu", "tofu-full"] = _opt("tofu", help="metric suite: tofu, or tofu-full (tofu + MIA/privleak; needs the holdout split)")
+    suite: Literal["tofu", "tofu-full", "i2p"] = _opt(
+        "tofu", help="metric suite: tofu, or tofu-full (tofu + MIA/privleak; needs the holdout split); i2p for task "
+                     "visual (erasure rate, retain accuracy, FID-like, alignment; the default there)")
+    judge: str = _opt("zoo:tiny-t2i/judge", help="task visual: the image judge (zoo name or directory of an ImageJudge)")
+    sample_steps: int = _opt(20, help="task visual: DDIM steps per generated image")
     batch_size: int = _opt(32, help="evaluation batch size")
     max_new_tokens: int = _opt(48, help="greedy generation length (ROUGE)")
     compare_target: bool = _opt(True, help="also evaluate the model before unlearning, for before/after tables")
@@ -326,8 +417,10 @@ class EvalSpec:
     probe_params: dict[str, dict[str, Any]] = _opt(factory=dict, help="settings per probe, by probe name")
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "max_new_tokens")
+        _positive(self, "batch_size", "max_new_tokens", "sample_steps")
         _positive(self, "max_items", allow_none=True)
+        if not self.judge.strip():
+            raise invalid("judge", "is empty; give zoo:tiny-t2i/judge or a directory holding judge.json")
         if self.n_samples < 0:
             raise invalid("n_samples", f"must be >= 0, got {self.n_samples}")
         expanded: list[str] = []
@@ -393,6 +486,11 @@ class Recipe:
             raise invalid("name", f"is {self.name!r}; use letters, digits, '.', '_' or '-' (it names the run directory)")
         if self.seed < 0:
             raise invalid("seed", f"must be >= 0, got {self.seed}")
+        if self.task.name == "visual":
+            self._check_visual()
+        elif self.eval.suite == "i2p":
+            raise RecipeError(f"recipe key 'eval.suite' is 'i2p', an image suite, but task.name is "
+                              f"{self.task.name!r}; use tofu or tofu-full, or task.name visual")
         if self.eval.suite == "tofu-full" and "holdout" not in self.task.eval_splits:
             raise RecipeError("recipe key 'task.eval_splits' must include 'holdout' when eval.suite is 'tofu-full' "
                               "(MIA compares the forget set with the holdout set)")
@@ -416,6 +514,24 @@ class Recipe:
         if self.eval.attacks and "forget" not in self.task.eval_splits:
             raise RecipeError("recipe key 'eval.attacks' runs attacks over the forget split, but task.eval_splits "
                               "lacks 'forget'")
+
+    def _check_visual(self) -> None:
+        if self.eval.suite == "tofu":  # the default suite of the text tasks
+            self.eval.suite = "i2p"
+        if self.eval.suite != "i2p":
+            raise RecipeError(f"recipe key 'eval.suite' is {self.eval.suite!r}, a text suite, but task.name is 'visual'; "
+                              "use i2p")
+        if self.model.source == "zoo:tiny-llama/target":  # the text default
+            self.model.source = "zoo:tiny-t2i/target"
+        for key, val in (("eval.attacks", self.eval.attacks), ("eval.probes", self.eval.probes)):
+            if val:
+                raise RecipeError(f"recipe key '{key}' is set, but task 'visual' has no attacks or probes yet; remove it")
+        if self.train.evaluates_during_training:
+            raise RecipeError("recipe keys 'train.eval_every' / 'train.eval_every_epoch' are for the text tasks; task "
+                              "'visual' evaluates after unlearning only: remove them")
+        if self.method.params.get("retain_loss") == "kl":
+            raise RecipeError("recipe key 'method.params.retain_loss' is 'kl', which needs token logits; task 'visual' "
+                              "supports retain_loss nll")
 
     @property
     def output_dir(self) -> Path:
@@ -456,6 +572,7 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
     """
     registry, editors = _objectives(), _editors()
     name = recipe.method.name
+    modality = "image" if recipe.task.name == "visual" else "text"
     if name in registry:
         method_cls = registry.get(name)
     elif name in editors:
@@ -467,8 +584,17 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
         names = sorted(registry.names() + editors.names())
         raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective or editor; "
                           f"allowed: {', '.join(names)}" + suggest(name, names))
+    supported = getattr(method_cls, "modalities", None) or (getattr(method_cls, "modality", "text"),)
+    if modality not in supported:
+        fits = sorted(n for reg in (registry, editors) for n in reg.names()
+                      if modality in (getattr(reg.get(n), "modalities", None) or (getattr(reg.get(n), "modality", "text"),)))
+        raise RecipeError(f"recipe key 'method.name' is {name!r}, a method for {'/'.join(supported)} models, but task "
+                          f"{recipe.task.name!r} is a {modality} task; methods for it: {', '.join(fits)}")
     config = from_dict(method_cls.Config, recipe.method.params, "method.params")
     sel = recipe.method.selection
+    if sel.name == "group" and modality != "image":
+        raise RecipeError("recipe key 'method.selection.name' is 'group', which selects image-adapter parameter groups; "
+                          "use regex for text models")
     if sel.name == "columns" and not sel.params.get("columns") and not hasattr(method_cls, "parameter_columns"):
         raise RecipeError(f"recipe key 'method.selection.params.columns' is required: method {name!r} does not choose "
                           "columns itself (needle does); give {parameter name: [column indices]}")

@@ -274,6 +274,10 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     transformers.utils.logging.set_verbosity_error()
     if not isinstance(recipe, Recipe) or overrides:
         recipe = load_recipe(recipe if not isinstance(recipe, Recipe) else to_dict(recipe), list(overrides))
+    if recipe.task.name == "visual":  # text-to-image concept erasure
+        from unlearn.image_runner import run_visual
+
+        return run_visual(recipe, progress=progress, keep_model=keep_model)
     from unlearn.editors import EditContext, Editor
 
     method_cls, method_config = resolve_method(recipe)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-SELECTIONS = ("full", "lora", "regex", "columns", "uoe")
+SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group")
 
 _LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
 
@@ -80,6 +80,13 @@ def validate_selection(name: str, params: dict[str, Any], path: str = "method.se
                 raise ValueError(f"{path}.params.{k} must be an int >= 0, got {v!r}")
         if ("layer" in params) != ("expert" in params):
             raise ValueError(f"{path}.params: give both layer and expert, or neither (the objective picks them)")
+    if name == "group":
+        extra = set(params) - {"group"}
+        if extra:
+            raise ValueError(f"{path}.params.{sorted(extra)[0]} is unknown for 'group'; allowed: group")
+        if not isinstance(params.get("group"), str) or not params["group"]:
+            raise ValueError(f"{path}.params.group is required for 'group' (a parameter group of the adapter, "
+                             "e.g. cross_attention)")
     if name == "lora":
         for k, v in params.items():
             if k not in _LORA_KEYS:
@@ -222,6 +229,19 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
             raise ValueError(f"method.selection.params.pattern {params['pattern']!r} matches no parameter; names look like {names}")
         tr, total = _count(model)
         return SelectionInfo("regex", tr, total, params)
+    if name == "group":
+        if not hasattr(adapter, "parameter_groups"):
+            raise ValueError("method.selection 'group' needs an adapter with named parameter groups (the image "
+                             "adapter); use regex for text models")
+        groups = adapter.parameter_groups()
+        if params["group"] not in groups:
+            raise ValueError(f"method.selection.params.group {params['group']!r} is unknown; the adapter has "
+                             f"{', '.join(groups)}")
+        chosen = set(groups[params["group"]])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in chosen)
+        tr, total = _count(model)
+        return SelectionInfo("group", tr, total, params)
     if name == "columns":
         return _apply_columns(adapter, params, objective)
     if name == "uoe":

@@ -50,3 +50,11 @@ register_editor(ULD, load_uld)
 from unlearn.editors.eco import ECO, load_eco  # noqa: E402
 
 register_editor(ECO, load_eco)
+
+from unlearn.editors.uce import UCE  # noqa: E402
+
+register_editor(UCE)
+
+from unlearn.editors.esd import ESD  # noqa: E402
+
+register_editor(ESD)

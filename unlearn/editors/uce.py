@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unlearn.editors.base import EditorConfig
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
 
 PAPER = ("Gandikota, Orgad, Belinkov, Materzynska, Bau (2024). Unified Concept Editing in Diffusion Models. "
          "WACV 2024, arXiv:2308.14761")
@@ -217,3 +217,34 @@ def uce_erase(adapter, erase_prompts: list[str], guide_prompts: list[str], prese
     adapter._fingerprint = None
     return {"edited": [f"unet.{n}" for n in info["edited"]], "max_abs_change": info["max_abs_change"],
             "n_edit": int(ce.shape[0]), "n_preserve": int(cp.shape[0])}
+
+
+# ---------------------------------------------------------------------------- the editor
+def concept_prompts(data) -> tuple[list[str], list[str], list[str]]:
+    """``(erase, guide, preserve)`` prompts of a :class:`~unlearn.tasks.visual_task.VisualData`:
+    the erase concepts' words, their guide concepts' words, every other attribute value."""
+    from unlearn.tasks.visual_task import concept_value
+
+    return ([concept_value(c) for c in data.erase], [concept_value(c) for c in data.guide], data.preserve_words())
+
+
+class UCE(Editor):
+    """UCE as an editor: the closed form on every ``attn2.to_k`` / ``attn2.to_v`` of the UNet,
+    mapping each erase concept's word onto its guide concept's and preserving every other
+    attribute word of the world and the empty prompt. Edits the target in place."""
+
+    name = "uce"
+    Config = UCEConfig
+    paper = PAPER
+    modality = "image"
+
+    def apply(self, adapter, data, ctx: EditContext) -> EditResult:
+        import time
+
+        erase, guide, preserve = concept_prompts(data)
+        t0 = time.perf_counter()
+        info = uce_erase(adapter, erase, guide, preserve, self.config)
+        info["edit_seconds"] = round(time.perf_counter() - t0, 4)
+        info.update(erase_prompts=erase, guide_prompts=guide, preserve_prompts=preserve,
+                    headline=f"UCE: {len(info['edited'])} K/V matrices edited in {info['edit_seconds']:.3f} s")
+        return EditResult(adapter=adapter, info=info)

@@ -20,6 +20,7 @@ class GradAscentConfig(ObjectiveConfig):
 
 class GradAscent(Objective):
     name = "grad_ascent"
+    modalities = ("text", "image")  # built on item_nll only
     Config = GradAscentConfig
     paper = "Jang et al., 2023, Knowledge Unlearning for Mitigating Privacy Risks in Language Models (arXiv:2210.01504)"
 

@@ -27,6 +27,7 @@ class GradDiffConfig(ObjectiveConfig):
 
 class GradDiff(Objective):
     name = "grad_diff"
+    modalities = ("text", "image")  # built on item_nll only (with retain_loss nll)
     Config = GradDiffConfig
     paper = "Liu et al., 2022, Continual Learning and Private Unlearning (arXiv:2203.12817)"
 

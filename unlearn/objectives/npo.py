@@ -33,6 +33,7 @@ class NPOConfig(ObjectiveConfig):
 
 class NPO(Objective):
     name = "npo"
+    modalities = ("text", "image")  # built on item_nll only (with retain_loss nll)
     Config = NPOConfig
     paper = "Zhang et al., 2024, Negative Preference Optimization (arXiv:2404.05868)"
 

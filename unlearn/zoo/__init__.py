@@ -25,7 +25,15 @@ FAMILIES = {
                        "tiny-llama's tokenizer: target and retain90.",
         "models": ["target", "retain90"],
     },
+    "tiny-t2i": {
+        "description": "text-to-image: pixel-space UNet (~0.8M params) + CLIP text encoder on the I2P-style visual "
+                       "world (16x16 images), and the judge CNN that scores its generations.",
+        "models": ["target", "judge"],
+    },
 }
+
+# a directory holds a zoo model when one of these files is in it
+_MARKERS = ("config.json", "image_adapter.json", "judge.json")
 
 
 def cache_dir() -> Path:
@@ -46,7 +54,7 @@ def available() -> dict[str, Path]:
         for fam, info in FAMILIES.items():
             for m in info["models"]:
                 p = root / fam / m
-                if f"{fam}/{m}" not in out and (p / "config.json").exists():
+                if f"{fam}/{m}" not in out and any((p / f).exists() for f in _MARKERS):
                     out[f"{fam}/{m}"] = p
     return out
 
