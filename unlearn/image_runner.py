@@ -33,9 +33,30 @@ def load_image_model(source: str):
 
 
 def load_judge(source: str):
-    """The :class:`~unlearn.evaluators.image_judge.ImageJudge` of a zoo name or directory."""
+    """The judge named by ``eval.judge``.
+
+    * ``zoo:tiny-t2i/judge`` or a directory: an :class:`~unlearn.evaluators.image_judge.ImageJudge`;
+    * ``module.path:factory``: ``factory()`` from an importable module, returning any object with
+      ``predict(images) -> {attribute: [value, ...]}`` and ``features(images) -> (N, F) array``
+      (images uint8 ``(N, H, W, 3)``) -- the slot for real judges (e.g. a NudeNet or ResNet-50
+      wrapper); the erase concepts are then ``attribute:value`` pairs of that judge.
+    """
     from unlearn.evaluators.image_judge import ImageJudge
 
+    mod, sep, fn = source.partition(":")
+    if sep and mod != "zoo" and not Path(source).expanduser().exists() and mod.replace(".", "").replace("_", "").isalnum():
+        import importlib
+
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"eval.judge {source!r}: cannot import {fn!r} from module {mod!r} ({e})") from None
+        judge = factory()
+        missing = [m for m in ("predict", "features") if not callable(getattr(judge, m, None))]
+        if missing:
+            raise ValueError(f"eval.judge {source!r} returned a {type(judge).__name__} without "
+                             f"{' and '.join(missing)}(images); a judge needs predict and features")
+        return judge
     if source.startswith("zoo:"):
         from unlearn.zoo import zoo_path
 
@@ -182,6 +203,11 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
 
 
 def _judge_fp(judge) -> str:
+    """Weights fingerprint of a torch judge; a user judge may supply ``fingerprint()`` instead."""
+    import torch
+
     from unlearn.adapters import weights_fingerprint
 
-    return weights_fingerprint(judge)
+    if callable(getattr(judge, "fingerprint", None)):
+        return str(judge.fingerprint())
+    return weights_fingerprint(judge) if isinstance(judge, torch.nn.Module) else f"unversioned:{type(judge).__name__}"
