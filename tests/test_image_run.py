@@ -219,3 +219,26 @@ def test_user_judge_slot(tiny_dir, tmp_path, monkeypatch):
     assert m["provenance"]["judge"]["fingerprint"] == "unversioned:ColourOnlyJudge"
     assert m["summary"]["unlearned"]["retain_in_domain"] is not None
     assert m["summary"]["unlearned"]["retain_cross_domain"] is None  # the judge reads no other attribute
+
+
+@pytest.mark.parametrize("method, check", [
+    ({"name": "esd", "params": {"variant": "esd-x", "ddim_steps": 2}}, "attn2"),
+    ({"name": "rece", "params": {"epochs": 1, "sample_steps": 2}}, "kv"),
+    ({"name": "safree"}, "none"),
+])
+def test_image_editors_run_from_a_recipe(tiny_dir, tmp_path, method, check):
+    import unlearn
+    from unlearn.adapters.image import ImageAdapter
+
+    res = unlearn.run(_recipe(tiny_dir, tmp_path, **method), progress=False)
+    changed = res.metrics["changed_parameters"]
+    if check == "attn2":
+        assert changed and all(".attn2." in n for n in changed)
+    elif check == "kv":
+        assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
+    else:  # SAFREE wraps: no weight changes, the saved checkpoint rebuilds the wrapper
+        assert not changed
+        back = ImageAdapter.load(str(res.run_dir / "checkpoint"))
+        assert type(back).__name__ == "SAFREEAdapter"
+        assert back.fingerprint() == res.metrics["provenance"]["model"]["fingerprint_after"]
+    assert res.metrics["editor"]["headline"]

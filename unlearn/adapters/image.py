@@ -122,7 +122,8 @@ class ImageAdapter:
 
     @classmethod
     def load(cls, source: str, **kwargs) -> "ImageAdapter":
-        """Load a directory written by :meth:`save` (or a ``zoo:`` name that resolves to one)."""
+        """Load a directory written by :meth:`save` (or a ``zoo:`` name that resolves to one); a
+        directory of a wrapped model (``wrapper.json``, e.g. SAFREE) is rebuilt by its editor's loader."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -134,6 +135,12 @@ class ImageAdapter:
             where = Path(zoo_path(source[4:]))
         else:
             where = Path(source).expanduser()
+        from unlearn.editors.base import WRAPPER_FILE
+
+        if cls is ImageAdapter and (where / WRAPPER_FILE).is_file():  # a wrapped model (e.g. SAFREE-guarded)
+            from unlearn.editors import load_wrapped
+
+            return load_wrapped(where, **kwargs)
         meta_file = where / ADAPTER_FILE
         if not meta_file.is_file():
             raise ValueError(f"{source!r} is not an image-model directory: {meta_file} is missing "

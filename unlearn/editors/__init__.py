@@ -58,3 +58,11 @@ register_editor(UCE)
 from unlearn.editors.esd import ESD  # noqa: E402
 
 register_editor(ESD)
+
+from unlearn.editors.rece import RECE  # noqa: E402
+
+register_editor(RECE)
+
+from unlearn.editors.safree import SAFREE, load_safree  # noqa: E402
+
+register_editor(SAFREE, load_safree)

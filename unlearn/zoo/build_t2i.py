@@ -56,6 +56,8 @@ class T2IBuildSpec:
     eval_steps: int = 20  # DDIM steps of the progress samples
     eval_guidance: float = 3.0
     judge_epochs: int = 100
+    threads: int = 1  # torch threads (2 helps at batch 64 on an otherwise idle 2-core machine)
+    stages: list = field(default_factory=list)  # earlier stages of a continued build (their specs and logs)
     family: str = "tiny-t2i"
 
 
@@ -95,32 +97,51 @@ def _lr_at(step: int, spec: T2IBuildSpec) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None) -> dict:
-    """Train ``judge`` and ``target`` into ``out_dir``; returns (and writes) ``manifest.json``."""
-    from unlearn.evaluators.image_judge import JudgeConfig, judge_accuracy, train_judge
+def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, continue_from: str | Path | None = None) -> dict:
+    """Train ``judge`` and ``target`` into ``out_dir``; returns (and writes) ``manifest.json``.
+
+    ``continue_from``: a finished build directory; its judge is reused and its target's weights
+    are trained for ``spec.steps`` more steps (a new warm-up + cosine stage; the EMA restarts from
+    those weights). The manifest records every stage.
+    """
+    from unlearn.evaluators.image_judge import ImageJudge, JudgeConfig, judge_accuracy, train_judge
 
     spec = spec or T2IBuildSpec()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.threads)
     t0 = time.time()
     world = build_visual_world(spec.world)
     train, holdout = world.split("train"), world.split("holdout")
 
-    judge, _ = train_judge(train, JudgeConfig(epochs=spec.judge_epochs, seed=spec.seed))
+    if continue_from is not None:
+        prev = json.loads((Path(continue_from) / "manifest.json").read_text())
+        judge = ImageJudge.load(Path(continue_from) / "judge")
+        if Path(continue_from).resolve() != out_dir.resolve():
+            judge.save(out_dir / "judge")
+        spec.stages = prev["spec"].get("stages", []) + [{"spec": {k: v for k, v in prev["spec"].items() if k != "stages"},
+                                                          "log": prev["log"], "build_seconds": prev["build_seconds"],
+                                                          "fingerprint": prev["models"]["target"]["fingerprint"]}]
+    else:
+        judge, _ = train_judge(train, JudgeConfig(epochs=spec.judge_epochs, seed=spec.seed))
+        judge.save(out_dir / "judge")
     judge_acc = judge_accuracy(judge, holdout)
-    judge.save(out_dir / "judge")
     judge_seconds = time.time() - t0
 
-    tok = world_tokenizer(world, spec.model.max_length)
-    unet, te, sched = build_tiny_t2i(spec.model, tok, spec.seed)
-    adapter = ImageAdapter(unet, te, tok, sched, source=f"zoo:{spec.family}/target")
+    if continue_from is not None:
+        adapter = ImageAdapter.load(str(Path(continue_from) / "target"))
+        adapter.source = f"zoo:{spec.family}/target"
+        tok = adapter.tokenizer
+    else:
+        tok = world_tokenizer(world, spec.model.max_length)
+        unet, te, sched = build_tiny_t2i(spec.model, tok, spec.seed)
+        adapter = ImageAdapter(unet, te, tok, sched, source=f"zoo:{spec.family}/target")
     ema_model = copy.deepcopy(adapter.model).eval()
     for p in ema_model.parameters():
         p.requires_grad_(False)
-    ema = ImageAdapter(ema_model["unet"], ema_model["text_encoder"], tok, sched)
+    ema = ImageAdapter(ema_model["unet"], ema_model["text_encoder"], tok, adapter.scheduler)
     opt = torch.optim.AdamW(adapter.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.seed + 1000 * len(spec.stages))
     order: list[int] = []
     rows = [r for r in world.prompt_table(kind="explicit")][::spec.world.prompts_per_combination]  # 1 per combo
     log: list[dict] = []
@@ -137,7 +158,7 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None) -> d
         for it in batch_items:
             if rng.random() < spec.uncond_prob:
                 it["caption"] = ""
-        batch = adapter.collate(batch_items, indices=idx, seed=step)
+        batch = adapter.collate(batch_items, indices=idx, seed=step + 1_000_000 * len(spec.stages))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = adapter.item_loss(batch)[0].mean()
@@ -173,16 +194,24 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None) -> d
                    "target": {"fingerprint": ema.fingerprint(), "generation_accuracy": full,
                               "unet_parameters": sum(p.numel() for p in ema.unet.parameters()),
                               "text_encoder_parameters": sum(p.numel() for p in ema.text_encoder.parameters())}},
-        "log": log, "build_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+        "log": log, "build_seconds": round(time.time() - t0 + sum(st["build_seconds"] for st in spec.stages), 1),
+        "torch": torch.__version__,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-if __name__ == "__main__":  # python -m unlearn.zoo.build_t2i OUT [steps]
-    import sys
+if __name__ == "__main__":  # python -m unlearn.zoo.build_t2i OUT [--steps N] [--continue-from DIR] [--batch-size B] ...
+    import argparse
 
-    s = T2IBuildSpec()
-    if len(sys.argv) > 2:
-        s.steps = int(sys.argv[2])
-    print(json.dumps(build_t2i_family(sys.argv[1], s)["models"], indent=1))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=T2IBuildSpec.steps)
+    ap.add_argument("--continue-from", default=None)
+    ap.add_argument("--batch-size", type=int, default=T2IBuildSpec.batch_size)
+    ap.add_argument("--lr", type=float, default=T2IBuildSpec.lr)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=T2IBuildSpec.eval_every)
+    a = ap.parse_args()
+    s = T2IBuildSpec(steps=a.steps, batch_size=a.batch_size, lr=a.lr, threads=a.threads, eval_every=a.eval_every)
+    print(json.dumps(build_t2i_family(a.out, s, continue_from=a.continue_from)["models"], indent=1))

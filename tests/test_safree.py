@@ -1,0 +1,226 @@
+"""SAFREE: the projection, the trigger test and the filtering on hand-built embeddings; the
+guarded adapter on a tiny model (bit-identical without triggers, the step switch, save/load)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unlearn.adapters.image import ImageAdapter
+from unlearn.editors.base import WRAPPER_FILE, EditContext
+from unlearn.editors.safree import (SAFREE, SAFREEAdapter, SAFREEConfig, concept_projection, default_keywords,
+                                    filtered_steps, load_safree, project_out, trigger_tokens)
+from unlearn.tasks.visual_task import load_visual
+from unlearn.tasks.visual_world import VisualWorldConfig
+from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
+
+SPEC = dict(image_size=8, block_out_channels=(8, 16), attention_head_dim=4, text_hidden_size=16, text_layers=1,
+            text_heads=2, num_train_timesteps=50)
+KEYWORDS = ["red", "crimson", "scarlet"]
+
+
+def test_projection_is_symmetric_idempotent_and_spans_C():
+    g = torch.Generator().manual_seed(0)
+    C = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    P = concept_projection(C)
+    torch.testing.assert_close(P, P.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(P @ P, P, rtol=0, atol=1e-10)
+    torch.testing.assert_close(P @ C, C, rtol=0, atol=1e-10)
+    assert abs(float(torch.trace(P)) - 3) < 1e-9  # rank 3
+    # rank-deficient C (a repeated column) is fine: the same projection
+    torch.testing.assert_close(concept_projection(torch.cat([C, C[:, :1]], dim=1)), P, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="\\(d, K\\)"):
+        concept_projection(C[:, 0])
+
+
+def _additive_prompt(a=1.0, concept=5.0):
+    """Pooled embedding = sum of token vectors; p_{\\i} = the sum without token i. Token 2 lies in
+    the concept subspace span(e0); the others along e1, e2, e3. Position 4 is padding."""
+    d = 6
+    eye = torch.eye(d, dtype=torch.float64)
+    v = torch.stack([a * eye[1], a * eye[2], concept * eye[0], a * eye[3], 100 * eye[4]])  # (T=5, d)
+    mask = torch.tensor([[True, True, True, True, False]])
+    s = v[:4].sum(0)
+    masked = torch.stack([s - v[i] for i in range(5)])[None]  # (1, T, d)
+    return masked, mask, concept_projection(eye[:, :1])
+
+
+def test_planted_concept_token_is_the_only_trigger():
+    masked, mask, P = _additive_prompt()
+    trig = trigger_tokens(masked, mask, P, alpha=0.01)
+    assert trig.tolist() == [[False, False, True, False, False]]
+    # a large α flags nothing; a prompt with a single candidate has no trigger
+    assert not trigger_tokens(masked, mask, P, alpha=1.0).any()
+    one = torch.tensor([[False, False, True, False, False]])
+    assert not trigger_tokens(masked, one, P, alpha=0.01).any()
+    # by hand: d_i = ‖(I − P) p_{\i}‖, trigger iff d_i >= (1 + α) mean_{j≠i} d_j
+    dist = [float(torch.linalg.vector_norm(masked[0, i] - P @ masked[0, i])) for i in range(4)]
+    assert dist[2] == pytest.approx(3 ** 0.5) and dist[0] == pytest.approx(2 ** 0.5)
+    for i in range(4):
+        others = np.mean([dist[j] for j in range(4) if j != i])
+        assert bool(trig[0, i]) == (dist[i] >= 1.01 * others)
+
+
+def test_filtered_trigger_is_orthogonal_to_C_and_others_are_kept():
+    g = torch.Generator().manual_seed(1)
+    d, T = 8, 5
+    C = torch.randn(d, 2, generator=g, dtype=torch.float64)
+    P_C = concept_projection(C)
+    span = torch.randn(d, 4, generator=g, dtype=torch.float64)
+    P_M = concept_projection(span)[None]  # (1, d, d)
+    emb = torch.randn(1, T, d, generator=g)  # float32
+    trig = torch.tensor([[False, True, False, True, False]])
+    out = project_out(emb, trig, P_C, P_M)
+    assert out.dtype == emb.dtype
+    assert torch.equal(out[~trig], emb[~trig])  # bit-for-bit
+    filt = out[trig].double()  # (2, d)
+    torch.testing.assert_close(filt @ C, torch.zeros(2, 2, dtype=torch.float64), rtol=0, atol=1e-5)
+    expect = (torch.eye(d, dtype=torch.float64) - P_C) @ P_M[0] @ emb[0, 1].double()
+    torch.testing.assert_close(filt[0], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_filtered_steps_rule():
+    # round(up_t · σ(2k(10β − t0))), official constants: small β -> 0, large β -> up_t, β = t0/10 -> up_t/2
+    assert filtered_steps(0.0, 10) == 0
+    assert filtered_steps(1.0, 10) == 10
+    assert filtered_steps(0.5333, 10) == 5
+    assert filtered_steps(0.55, 10) == round(10 / (1 + np.exp(-5 * (5.5 - 5.333))))
+
+
+# ---------------------------------------------------------------------------- on a tiny model
+@pytest.fixture(scope="module")
+def data():
+    return load_visual(VisualWorldConfig(size=8, renders_per_concept=1, holdout_per_concept=0), max_prompts=6)
+
+
+@pytest.fixture(scope="module")
+def base(data):
+    w = data.world
+    tok = build_caption_tokenizer([it["caption"] for it in w.items] + [r["prompt"] for r in w.prompts])
+    unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
+    return ImageAdapter(unet.eval(), te.eval(), tok, sched)
+
+
+PROMPTS = ["a striped red circle", "a banded crimson disc", "a solid blue square"]
+
+
+def test_filter_on_a_model_projects_triggers_out_of_the_keyword_subspace(base):
+    g = SAFREEAdapter(base, KEYWORDS)
+    f = g.filter(PROMPTS, steps=20)
+    trig = f["triggers"]
+    assert trig.any()
+    assert not trig[:, 0].any()  # BOS, EOS and padding are never triggers
+    C = g.concept_basis().double()  # (d, K)
+    rows = f["filtered"][trig].double()
+    assert (rows @ C).abs().max() < 1e-4 * C.norm()
+    assert torch.equal(f["filtered"][~trig], f["embeds"][~trig])
+    assert ((f["n_steps"] > 0) == trig.any(-1)).all() and (f["n_steps"] <= 20).all()
+    g2 = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(self_validation=False))
+    assert (g2.filter(PROMPTS, steps=20)["n_steps"] == 20 * trig.any(-1)).all()
+
+
+def test_filter_following_projects_every_position_after_the_first_trigger(base):
+    f = SAFREEAdapter(base, KEYWORDS).filter(PROMPTS, steps=20)
+    g = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(filter_following=True)).filter(PROMPTS, steps=20)
+    for i in range(len(PROMPTS)):
+        row = f["triggers"][i]
+        if not row.any():
+            assert not g["triggers"][i].any()
+            continue
+        first = int(row.nonzero()[0])
+        assert g["triggers"][i, first:].all() and not g["triggers"][i, :first].any()
+    assert torch.equal(g["filtered"][~g["triggers"]], g["embeds"][~g["triggers"]])
+
+
+def test_no_trigger_prompts_sample_bit_identical(base):
+    guard = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(alpha=100.0))  # nothing is a trigger
+    assert np.array_equal(guard.sample(PROMPTS, seed=3, steps=3), base.sample(PROMPTS, seed=3, steps=3))
+    assert guard.counts == {"prompts": 3, "triggered": 0, "trigger_tokens": 0}
+    # single-word prompts have no trigger under the default α (no other token to compare with)
+    guard = SAFREEAdapter(base, KEYWORDS)
+    assert np.array_equal(guard.sample(["blue", "circle"], seed=1, steps=3), base.sample(["blue", "circle"], seed=1,
+                                                                                          steps=3))
+    # in a mixed batch the rows without triggers are bit-identical to the base model's
+    mixed = ["a striped red circle", "blue"]
+    out, ref = guard.sample(mixed, seed=5, steps=3), base.sample(mixed, seed=5, steps=3)
+    assert guard.last_filter[0]["trigger_words"] and not guard.last_filter[1]["trigger_words"]
+    assert np.array_equal(out[1], ref[1]) and not np.array_equal(out[0], ref[0])
+
+
+def _ddim_by_hand(ad, filtered, original, n_steps, seeds, steps, guidance):
+    """DDIM + CFG written out: prompt b is conditioned on filtered[b] for its first n_steps[b] steps."""
+    from diffusers import DDIMScheduler
+
+    from unlearn.adapters.image import tensor_to_images
+
+    ddim = DDIMScheduler.from_config(ad.scheduler.config)
+    ddim.set_timesteps(steps)
+    x = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = x * ddim.init_noise_sigma
+    uncond = ad.encode_prompts(ad.tokenize([""])).expand_as(original)
+    for i, t in enumerate(ddim.timesteps):
+        cond = torch.stack([filtered[b] if i < int(n_steps[b]) else original[b] for b in range(len(seeds))])
+        tt = torch.full((2 * len(seeds),), int(t), dtype=torch.long)
+        e_u, e_c = ad.unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        x = ddim.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    return tensor_to_images(x)
+
+
+@torch.no_grad()
+def test_step_switch_matches_a_hand_written_sampler(base):
+    guard = SAFREEAdapter(base, KEYWORDS)
+    f = guard.filter(PROMPTS[:2], steps=4)
+    n = torch.tensor([1, 3])
+    got = guard.sample_switched(PROMPTS[:2], f["embeds"], f["filtered"], n, seed=[7, 8], steps=4, guidance=3.0)
+    ref = _ddim_by_hand(base, f["filtered"], f["embeds"], n, [7, 8], 4, 3.0)
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+    # all steps filtered == the base sampler on the filtered condition; none == the base sampler
+    all_f = guard.sample_switched(PROMPTS[:2], f["embeds"], f["filtered"], torch.tensor([4, 4]), seed=7, steps=4)
+    assert np.array_equal(all_f, base.sample(PROMPTS[:2], seed=7, steps=4, prompt_embeds=f["filtered"]))
+    none = guard.sample_switched(PROMPTS[:2], f["embeds"], f["filtered"], torch.tensor([0, 0]), seed=7, steps=4)
+    assert np.array_equal(none, base.sample(PROMPTS[:2], seed=7, steps=4))
+    assert guard._switch is None
+    # sample() uses the filter's own schedule
+    guard2 = SAFREEAdapter(base, KEYWORDS)
+    f20 = guard2.filter(PROMPTS, steps=4)
+    assert np.array_equal(guard2.sample(PROMPTS, seed=2, steps=4),
+                          guard2.sample_switched(PROMPTS, f20["embeds"], f20["filtered"], f20["n_steps"], seed=2,
+                                                 steps=4))
+
+
+def test_save_load_roundtrip(base, tmp_path):
+    guard = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(alpha=0.02))
+    guard.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / WRAPPER_FILE).read_text())
+    assert meta["kind"] == "safree" and meta["keywords"] == KEYWORDS and meta["config"]["alpha"] == 0.02
+    back = load_safree(tmp_path / "g")
+    assert isinstance(back, SAFREEAdapter) and back.fingerprint() == guard.fingerprint()
+    assert back.fingerprint() != base.fingerprint()
+    assert SAFREEAdapter(base, KEYWORDS, SAFREEConfig(alpha=0.03)).fingerprint() != guard.fingerprint()
+    assert np.array_equal(back.sample(PROMPTS, seed=4, steps=3), guard.sample(PROMPTS, seed=4, steps=3))
+    assert SAFREEAdapter.load(str(tmp_path / "g")).fingerprint() == guard.fingerprint()
+    from unlearn.adapters.image import ImageAdapter
+
+    assert isinstance(ImageAdapter.load(str(tmp_path / "g")), SAFREEAdapter)  # plain load dispatches to the wrapper
+    ref = guard.reference()
+    assert isinstance(ref, SAFREEAdapter) and ref.keywords == KEYWORDS and ref.fingerprint() == guard.fingerprint()
+
+
+def test_editor_wraps_without_changing_weights(base, data):
+    before = base.fingerprint(refresh=True)
+    assert default_keywords(data) == ["red", "crimson", "scarlet"]
+    res = SAFREE().apply(base, data, EditContext(settings=None, progress=False, eval_batch_size=4))
+    assert isinstance(res.adapter, SAFREEAdapter) and res.adapter.keywords == KEYWORDS
+    assert base.fingerprint(refresh=True) == before
+    assert set(res.info["splits"]) == set(data.eval_splits)
+    for v in res.info["splits"].values():
+        assert 0 <= v["triggered"] <= 1 and 0 <= v["filtered_share"] <= 1
+    res = SAFREE(SAFREEConfig(keywords=["red"])).apply(base, data, EditContext(settings=None, progress=False))
+    assert res.adapter.keywords == ["red"]
+    with pytest.raises(ValueError, match="already SAFREE-guarded"):
+        SAFREEAdapter(res.adapter, KEYWORDS)
+    with pytest.raises(ValueError, match="safree.keywords"):
+        SAFREEConfig(keywords="red")
