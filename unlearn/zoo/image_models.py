@@ -96,6 +96,9 @@ def build_tiny_t2i(spec: TinyT2ISpec, tokenizer, seed: int):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=spec.text_hidden_size, attention_head_dim=spec.attention_head_dim, norm_num_groups=8,
     )
+    # no x0 clipping when sampling: with the cosine schedule's near-zero ᾱ at the first DDIM steps,
+    # clipping the predicted x0 to [-1, 1] wrecked the tiny zoo's samples (judge accuracy on 48
+    # prompts, 20 steps, guidance 3: shape 0.83 / colour 1.00 / texture 0.92 without, far lower with)
     scheduler = DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="epsilon", clip_sample=True)
+                              prediction_type="epsilon", clip_sample=False)
     return unet, text_encoder, scheduler
