@@ -81,3 +81,25 @@ def test_tiny_moe_is_shipped_and_knows_forget10_better_than_its_retain_model(wor
         r = TeacherForced("answer").run(ad, forget, batch_size=50)
         probs[m] = M.prob(r["nll"], r["n"]).value
     assert probs["target"] > 0.8 and probs["retain90"] < probs["target"] - 0.5, probs
+
+
+def test_tiny_t2i_is_shipped_and_draws_what_it_is_asked():
+    """The text-to-image zoo model and its judge load, match the manifest, and the model's
+    generations of explicit prompts are read back as the prompted colour (a cheap subset of the
+    build's per-concept check: 12 prompts, 20 DDIM steps)."""
+    from unlearn.adapters.image import ImageAdapter
+    from unlearn.evaluators.image_judge import ImageJudge
+    from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.build_t2i import generation_accuracy
+
+    man = zoo.manifest("tiny-t2i")
+    w = build_visual_world()
+    assert man is not None and man["world_fingerprint"] == w.fingerprint()
+    ad = ImageAdapter.load("zoo:tiny-t2i/target")
+    assert ad.fingerprint() == man["models"]["target"]["fingerprint"]
+    assert ad.scheduler.config.clip_sample is False
+    judge = ImageJudge.load(zoo.zoo_path("tiny-t2i/judge"))
+    assert man["models"]["judge"]["holdout_accuracy"]["all"] >= 0.95
+    rows = w.prompt_table(kind="explicit")[::8]  # 12 rows, every colour 3 times
+    acc = generation_accuracy(ad, judge, rows, steps=20, guidance=3.0)
+    assert acc["colour"] >= 0.9, acc
