@@ -45,9 +45,9 @@ def _zoo(args) -> int:
 
     out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
     if args.family == "tiny-t2i":
-        from unlearn.zoo.build_t2i import build_t2i_family
+        from unlearn.zoo.build_t2i import build_t2i_zoo
 
-        m = build_t2i_family(out)
+        m = build_t2i_zoo(out)
         print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
         return 0
     from unlearn.zoo.build import build_family, build_part, spec_for, write_manifest
