@@ -153,12 +153,6 @@ def test_training_moves_concept_prediction_toward_target(adapter, data):
     assert last < first
     assert res.info["losses"] == [h["loss"] for h in log.history[::10]]
     assert res.info["headline"].startswith("ESD-x: 30 iterations")
-    # the unconditional prediction is the anchor and hardly moves compared with the concept's
-    x, t = probes[2]
-    with torch.no_grad():
-        du = (adapter.noise_pred(x, t, uncond) - reference.noise_pred(x, t, uncond)).abs().mean()
-        dc = (adapter.noise_pred(x, t, cond) - reference.noise_pred(x, t, cond)).abs().mean()
-    assert du < dc
 
 
 def test_apply_is_seed_deterministic(tok, data):

@@ -89,7 +89,7 @@ def generation_accuracy(adapter: ImageAdapter, judge, rows: list[dict], steps: i
     out: dict = {a: float(np.mean([p == r[a] for p, r in zip(preds[a], rows)])) for a in ATTRIBUTES}
     out["all"] = float(np.mean([all(preds[a][i] == r[a] for a in ATTRIBUTES) for i, r in enumerate(rows)]))
     out["per_concept"] = {f"{a}:{v}": float(np.mean([preds[a][i] == v for i, r in enumerate(rows) if r[a] == v]))
-                          for a, vals in ATTRIBUTES.items() for v in vals}
+                          for a, vals in ATTRIBUTES.items() for v in vals if any(r[a] == v for r in rows)}
     return out
 
 
