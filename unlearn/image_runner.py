@@ -25,11 +25,8 @@ def load_image_model(source: str):
     """An :class:`~unlearn.adapters.image.ImageAdapter` (or a wrapped one, e.g. SAFREE) from a zoo
     name or a directory."""
     from unlearn.adapters.image import ImageAdapter
-    from unlearn.editors import is_wrapped_dir, load_wrapped
 
-    if not source.startswith("zoo:") and is_wrapped_dir(Path(source).expanduser()):
-        return load_wrapped(Path(source).expanduser())
-    return ImageAdapter.load(source)
+    return ImageAdapter.load(source)  # rebuilds wrapped directories (wrapper.json) too
 
 
 def load_judge(source: str):
