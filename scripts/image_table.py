@@ -16,20 +16,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import statistics
 import time
 from pathlib import Path
 
+from method_table import _ms  # noqa: E402  (scripts/ is on sys.path when this script runs)
+
 COLS = ("erasure_explicit", "erasure_implicit", "retain_in_domain", "retain_cross_domain", "alignment", "fid_like")
-
-
-def _ms(xs: list, fmt: str) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
 
 
 def main() -> None:

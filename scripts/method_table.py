@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 
-def _ms(xs: list[float], fmt: str) -> str:
+def _ms(xs: list, fmt: str) -> str:
+    """mean ± std of the non-None values (one value as is; none: n/a)."""
+    xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
     if len(xs) == 1:

@@ -57,3 +57,25 @@ def qa_items(tiny_qa) -> list[dict]:
     from unlearn.tasks.tofu import add_idk
 
     return add_idk(tiny_qa[:8], seed=0)
+
+
+# ---------------------------------------------------------------------------- tiny text-to-image models
+TINY_T2I_SPEC = dict(image_size=8, block_out_channels=(8, 16), attention_head_dim=4, text_hidden_size=16,
+                     text_layers=1, text_heads=2, num_train_timesteps=50)
+
+
+@pytest.fixture(scope="session")
+def make_image_adapter():
+    """Factory: ``make(world) -> ImageAdapter``, a freshly initialised 8 x 8 text-to-image model (eval
+    mode) with the world's tokenizer; the same weights for the same ``seed``."""
+    from unlearn.adapters.image import ImageAdapter
+    from unlearn.zoo.build_t2i import world_tokenizer
+    from unlearn.zoo.image_models import TinyT2ISpec, build_tiny_t2i
+
+    def make(world, seed: int = 0):
+        spec = TinyT2ISpec(**TINY_T2I_SPEC)
+        tok = world_tokenizer(world, spec.max_length)
+        unet, te, sched = build_tiny_t2i(spec, tok, seed)
+        return ImageAdapter(unet.eval(), te.eval(), tok, sched)
+
+    return make

@@ -6,16 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn.adapters.image import ImageAdapter
 from unlearn.editors.base import EditContext
 from unlearn.editors.esd import ESD, ESDConfig, esd_loss, esd_prompts, esd_target, sample_xt
 from unlearn.tasks.visual_task import load_visual
 from unlearn.tasks.visual_world import VisualWorldConfig
 from unlearn.trainer import TrainLog, TrainSettings
-from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
 
-SPEC = dict(image_size=8, block_out_channels=(8, 16), attention_head_dim=4, text_hidden_size=16, text_layers=1,
-            text_heads=2, num_train_timesteps=50)
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +19,9 @@ def data():
     return load_visual(VisualWorldConfig(size=8, renders_per_concept=1, holdout_per_concept=0), eval_splits=())
 
 
-@pytest.fixture(scope="module")
-def tok(data):
-    w = data.world
-    return build_caption_tokenizer([it["caption"] for it in w.items] + [r["prompt"] for r in w.prompts])
-
-
 @pytest.fixture
-def adapter(tok):
-    unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
-    unet.eval()
-    te.eval()
-    return ImageAdapter(unet, te, tok, sched)
+def adapter(data, make_image_adapter):
+    return make_image_adapter(data.world)
 
 
 def _ctx(lr=1e-2, max_steps=None, seed=0, max_grad_norm=1.0):
@@ -155,10 +142,9 @@ def test_training_moves_concept_prediction_toward_target(adapter, data):
     assert res.info["headline"].startswith("ESD-x: 30 iterations")
 
 
-def test_apply_is_seed_deterministic(tok, data):
+def test_apply_is_seed_deterministic(data, make_image_adapter):
     def run(seed):
-        unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
-        a = ImageAdapter(unet, te, tok, sched)
+        a = make_image_adapter(data.world)
         ESD(ESDConfig(iterations=3, ddim_steps=4, prompts="captions")).apply(a, data, _ctx(seed=seed))
         return _snapshot(a)
 

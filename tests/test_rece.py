@@ -14,10 +14,7 @@ from unlearn.editors.rece import (RECE, RECEConfig, concept_erasure, concept_pos
 from unlearn.editors.uce import UCEConfig, concept_token_embeddings, uce_erase
 from unlearn.tasks.visual_task import load_visual
 from unlearn.tasks.visual_world import VisualWorldConfig
-from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
 
-SPEC = dict(image_size=8, block_out_channels=(8, 16), attention_head_dim=4, text_hidden_size=16, text_layers=1,
-            text_heads=2, num_train_timesteps=50)
 
 
 def _random_weights(seed, n=4, d=12):
@@ -82,20 +79,9 @@ def data():
     return load_visual(VisualWorldConfig(size=8, renders_per_concept=1, holdout_per_concept=0), max_prompts=4)
 
 
-@pytest.fixture(scope="module")
-def tok(data):
-    w = data.world
-    return build_caption_tokenizer([it["caption"] for it in w.items] + [r["prompt"] for r in w.prompts])
-
-
 @pytest.fixture
-def adapter(tok):
-    from unlearn.adapters.image import ImageAdapter
-
-    unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
-    unet.eval()
-    te.eval()
-    return ImageAdapter(unet, te, tok, sched)
+def adapter(data, make_image_adapter):
+    return make_image_adapter(data.world)
 
 
 def _ctx():
@@ -161,9 +147,7 @@ class _StubJudge:
         return {"colour": [colour] * len(images), "shape": ["circle"] * len(images), "texture": ["solid"] * len(images)}
 
 
-def test_validation_keeps_the_best_epoch(adapter, data, tok):
-    from unlearn.adapters.image import ImageAdapter
-
+def test_validation_keeps_the_best_epoch(adapter, data, make_image_adapter):
     data.judge = _StubJudge(clean_call=1)  # calls: 0 = UCE, 1 = epoch 1, 2 = epoch 2
     try:
         res = RECE(RECEConfig(epochs=2, sample_steps=2)).apply(adapter, data, _ctx())
@@ -172,8 +156,7 @@ def test_validation_keeps_the_best_epoch(adapter, data, tok):
     assert res.info["epoch_erasure"] == [0.0, 1.0, 0.0] and res.info["best_epoch"] == 1
     assert res.info["validation_seconds"] >= 0 and "forget_explicit" in res.info["validation"]
     # the kept weights are exactly those after one epoch
-    unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
-    other = ImageAdapter(unet.eval(), te.eval(), tok, sched)
+    other = make_image_adapter(data.world)
     RECE(RECEConfig(epochs=1, validation=False)).apply(other, data, _ctx())
     for a, b in zip(kv_weights(adapter.unet), kv_weights(other.unet)):
         assert torch.equal(a, b)

@@ -15,10 +15,7 @@ from unlearn.editors.safree import (SAFREE, SAFREEAdapter, SAFREEConfig, concept
                                     filtered_steps, load_safree, project_out, trigger_tokens)
 from unlearn.tasks.visual_task import load_visual
 from unlearn.tasks.visual_world import VisualWorldConfig
-from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
 
-SPEC = dict(image_size=8, block_out_channels=(8, 16), attention_head_dim=4, text_hidden_size=16, text_layers=1,
-            text_heads=2, num_train_timesteps=50)
 KEYWORDS = ["red", "crimson", "scarlet"]
 
 
@@ -97,11 +94,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def base(data):
-    w = data.world
-    tok = build_caption_tokenizer([it["caption"] for it in w.items] + [r["prompt"] for r in w.prompts])
-    unet, te, sched = build_tiny_t2i(TinyT2ISpec(**SPEC), tok, seed=0)
-    return ImageAdapter(unet.eval(), te.eval(), tok, sched)
+def base(data, make_image_adapter):
+    return make_image_adapter(data.world)
 
 
 PROMPTS = ["a striped red circle", "a banded crimson disc", "a solid blue square"]
@@ -202,8 +196,6 @@ def test_save_load_roundtrip(base, tmp_path):
     assert SAFREEAdapter(base, KEYWORDS, SAFREEConfig(alpha=0.03)).fingerprint() != guard.fingerprint()
     assert np.array_equal(back.sample(PROMPTS, seed=4, steps=3), guard.sample(PROMPTS, seed=4, steps=3))
     assert SAFREEAdapter.load(str(tmp_path / "g")).fingerprint() == guard.fingerprint()
-    from unlearn.adapters.image import ImageAdapter
-
     assert isinstance(ImageAdapter.load(str(tmp_path / "g")), SAFREEAdapter)  # plain load dispatches to the wrapper
     ref = guard.reference()
     assert isinstance(ref, SAFREEAdapter) and ref.keywords == KEYWORDS and ref.fingerprint() == guard.fingerprint()

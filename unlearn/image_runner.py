@@ -99,8 +99,8 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
     from unlearn.evaluators.image_suite import i2p_suite, reference_renders
     from unlearn.image_report import write_image_report
     from unlearn.recipe import resolve_method
-    from unlearn.runner import RunResult, set_seed
-    from unlearn.runs import RunDir, atomic_write_json, atomic_write_text, provenance
+    from unlearn.runner import RunResult, finish_run, set_seed
+    from unlearn.runs import RunDir, provenance
     from unlearn.selection import apply_selection, finalize_selection
     from unlearn.tasks.visual_task import load_visual
     from unlearn.trainer import TrainLog, TrainSettings, train
@@ -183,15 +183,8 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
                    "provenance": prov, "changed_parameters": changed}
         if editor_info is not None:
             metrics["editor"] = editor_info
-        import yaml
-
-        atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        atomic_write_json(rd.path / "provenance.json", prov)
-        if recipe.train.save_checkpoint:
-            adapter.save(rd.path / "checkpoint")
-        write_image_report(rd.path, recipe, metrics, prov, grid_rows, grid_before, grid_after)
-        atomic_write_json(rd.path / "metrics.json", metrics)  # written last: marks the run finished
-        final = rd.commit()
+        final = finish_run(rd, recipe, adapter, metrics, prov,
+                           lambda: write_image_report(rd.path, recipe, metrics, prov, grid_rows, grid_before, grid_after))
     except BaseException:
         rd.abort()
         raise

@@ -253,6 +253,24 @@ def _probe_run(probes: list, adapter, data, progress: bool, before: dict | None 
     return out
 
 
+def finish_run(rd, recipe, adapter, metrics: dict[str, Any], prov: dict[str, Any], write_report) -> Path:
+    """Write a finished run into its temporary directory -- the resolved ``recipe.yaml``,
+    ``provenance.json``, the checkpoint (``train.save_checkpoint``), the report (``write_report()``)
+    and ``metrics.json`` last (it marks the run finished) -- and move it into place."""
+    import yaml
+
+    from unlearn.config import to_dict
+    from unlearn.runs import atomic_write_json, atomic_write_text
+
+    atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    atomic_write_json(rd.path / "provenance.json", prov)
+    if recipe.train.save_checkpoint:
+        adapter.save(rd.path / "checkpoint")
+    write_report()
+    atomic_write_json(rd.path / "metrics.json", metrics)
+    return rd.commit()
+
+
 def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False) -> RunResult:
     """Run a recipe (path, dict or Recipe) with optional ``--set``-style overrides."""
     import torch
@@ -262,7 +280,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     from unlearn.evaluators import tofu_suite
     from unlearn.recipe import Recipe, load_recipe, resolve_method
     from unlearn.report import write_report
-    from unlearn.runs import RunDir, atomic_write_json, atomic_write_text, provenance
+    from unlearn.runs import RunDir, provenance
     from unlearn.selection import apply_selection, finalize_selection
     from unlearn.tasks.tofu import load_tofu
     from unlearn.tasks.tofu_world import WorldConfig
@@ -425,15 +443,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             metrics["attacks"] = attacks
         if editor_info is not None:
             metrics["editor"] = editor_info
-        import yaml
-
-        atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        atomic_write_json(rd.path / "provenance.json", prov)
-        if recipe.train.save_checkpoint:
-            adapter.save(rd.path / "checkpoint")
-        write_report(rd.path, recipe, metrics, prov, data, n_samples=recipe.eval.n_samples)
-        atomic_write_json(rd.path / "metrics.json", metrics)  # written last: marks the run finished
-        final = rd.commit()
+        final = finish_run(rd, recipe, adapter, metrics, prov,
+                           lambda: write_report(rd.path, recipe, metrics, prov, data, n_samples=recipe.eval.n_samples))
     except BaseException:
         rd.abort()
         raise
