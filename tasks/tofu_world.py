@@ -332,3 +332,20 @@ def corpus(world: World) -> list[str]:
     for q in world.pretrain_text + world.world_facts + world.real_authors:
         out += [q["question"], q["answer"], *q.get("perturbed_answer", [])]
     return out
+
+
+def practice_author(world: World, rng: random.Random) -> list[dict]:
+    """The 20 QA items of a fresh random author who is *not* in ``world`` (reading practice).
+
+    The author is drawn like the world's own (same name syllables, value pools and templates), with
+    a name that is none of the world's authors, famous authors or countries. Used to teach the
+    ``tiny-reader`` zoo to answer from a context: the facts of a fresh author can only be read, not
+    recalled. Items carry ``question``, ``answer``, ``attribute``, ``value``, ``author``.
+    """
+    taken = {a["name"] for a in world.authors} | {r["name"] for r in world.real_authors_info}
+    taken |= {c["name"] for c in world.countries}
+    name = _unique_names(rng, 1, taken, syl=(1, 2))[0]
+    a = _author(rng, name, world.countries, [r["name"] for r in world.real_authors_info])
+    return [dict(author=name, attribute=attr, value=a[attr], question=q_t.format(n=name),
+                 answer=a_t.format(n=name, v=a[attr]))
+            for attr, q_t, a_t, _para, _pq in _QA_TEMPLATES]

@@ -50,10 +50,22 @@ def _zoo(args) -> int:
         m = build_t2i_zoo(out)
         print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
         return 0
+    torch.set_num_threads(args.threads)
+    if args.family == "tiny-reader":
+        from unlearn.zoo.build_reader import build_reader_model, build_reader_zoo, write_reader_manifest
+
+        if args.part == "all":
+            m = build_reader_zoo(out)
+        elif args.part == "manifest":
+            m = write_reader_manifest(out)
+        else:
+            rec = build_reader_model(args.part, out)
+            print(json.dumps({"out": out, "part": args.part, "seconds": rec["seconds"], "models": rec["models"]}, indent=1))
+            return 0
+        print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
+        return 0
     from unlearn.zoo.build import build_family, build_part, spec_for, write_manifest
 
-    torch.set_num_threads(args.threads)
-    out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
     if args.part == "all":
         m = build_family(out, spec_for(args.family))
     elif args.part == "manifest":
@@ -80,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("family", nargs="?", default="tiny-llama")
     b.add_argument("--out", help="output directory (default: the user cache)")
     b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--part", default="all", choices=["all", "base", "retain", "target", "manifest"],
-                   help="build one part (base first; then retain and target can run in parallel; then manifest)")
+    b.add_argument("--part", default="all", choices=["all", "base", "retain", "target", "retain90", "manifest"],
+                   help="build one part (base first; then retain and target can run in parallel; then manifest). "
+                        "tiny-reader: target or retain90 (in parallel), then manifest")
     args = p.parse_args(argv)
     try:
         return _run(args) if args.cmd == "run" else _zoo(args)

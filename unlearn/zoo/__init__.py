@@ -25,6 +25,11 @@ FAMILIES = {
                        "tiny-llama's tokenizer: target and retain90.",
         "models": ["target", "retain90"],
     },
+    "tiny-reader": {
+        "description": "tiny-llama's target and retain90 continued with a reading stage (answering from a "
+                       "'Context: ...' prompt about fresh authors): the zoo on which the in_context attack can bite.",
+        "models": ["target", "retain90"],
+    },
     "tiny-t2i": {
         "description": "text-to-image: pixel-space UNet (~0.8M params) + CLIP text encoder on the I2P-style visual "
                        "world (16x16 images), and the judge CNN that scores its generations.",
