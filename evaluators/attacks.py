@@ -421,9 +421,9 @@ class InContext(PromptAttack):
     prompt shows that forgetting is no guarantee against re-introduction. With
     ``include_own_fact: false`` only related facts are given: does the association revive?
     Items whose author has no other answer (or items without ``author_id`` / ``author``) are
-    skipped; items with fewer than ``k`` other answers get all of them. On the tiny zoo this
-    attack measures little: its models never learned to answer from a context (see
-    docs/attacks.md). Paper: Shumailov et al., 2024, "UnUnlearning" (arXiv:2407.00106)."""
+    skipped; items with fewer than ``k`` other answers get all of them. The model must be able
+    to read a context: ``tiny-llama`` cannot (trained on bare QA), ``tiny-reader`` (the same
+    models after a reading stage) can (see docs/attacks.md). Paper: Shumailov et al., 2024, "UnUnlearning" (arXiv:2407.00106)."""
 
     name = "in_context"
     Config = InContextConfig
