@@ -134,3 +134,25 @@ def test_in_context_attack_brings_forgotten_values_back_after_grad_ascent(world,
     assert bare <= 0.3, bare  # forgotten
     assert with_fact >= bare + 0.3, (bare, with_fact)  # re-introduced in context
     assert with_related <= bare + 0.15, (bare, with_related)  # not revived by the author's other facts
+
+
+def test_reader_build_is_deterministic_and_writes_a_manifest(tmp_path):
+    """A toy-sized reading stage (3 steps) twice: the same weights; the manifest merges both
+    models, and a missing model is named."""
+    from unlearn.adapters.text import TextAdapter
+    from unlearn.zoo.build_reader import build_reader_model, write_reader_manifest
+
+    spec = ReaderBuildSpec(steps=3, batch_size=4, eval_items=4)
+    a = build_reader_model("retain90", tmp_path / "a", spec)
+    b = build_reader_model("retain90", tmp_path / "b", spec)
+    fp = a["models"]["retain90"]["fingerprint"]
+    assert fp == b["models"]["retain90"]["fingerprint"]
+    assert fp != TextAdapter.load("zoo:tiny-llama/retain90").fingerprint()  # it did train
+    with pytest.raises(ValueError, match="'target' has not been built"):
+        write_reader_manifest(tmp_path / "a", spec)
+    build_reader_model("target", tmp_path / "a", spec)
+    man = write_reader_manifest(tmp_path / "a", spec)
+    assert set(man["models"]) == {"target", "retain90"} and man["models"]["retain90"]["fingerprint"] == fp
+    assert (tmp_path / "a" / "manifest.json").exists() and not list((tmp_path / "a").glob("part-*.json"))
+    with pytest.raises(ValueError, match="unknown tiny-reader model 'retain95'"):
+        build_reader_model("retain95", tmp_path / "c", spec)

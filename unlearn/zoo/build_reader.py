@@ -49,6 +49,7 @@ class ReaderBuildSpec:
     read_frac: float = 0.5  # share of reading items in the stage
     context_facts: tuple = (1, 4)  # facts per context, inclusive range
     seed: int = 0
+    eval_items: int = 200  # items per column of the manifest's reading check
     family: str = "tiny-reader"
 
 
@@ -139,7 +140,7 @@ def build_reader_model(name: str, out_dir: str | Path, spec: ReaderBuildSpec | N
     _train(ad, items, 1, spec.lr, spec.batch_size, spec.seed, f"reading-{name}", log)
     ad.save(out_dir / name)
     rec = {"models": {name: {"fingerprint": ad.fingerprint(refresh=True), "continued_from": f"{spec.base_family}/{name}",
-                             "replay_split": spec.models[name], "eval": reading_report(ad, world)}},
+                             "replay_split": spec.models[name], "eval": reading_report(ad, world, n=spec.eval_items)}},
            "log": log, "seconds": round(time.time() - t0, 1)}
     (out_dir / f"part-{name}.json").write_text(json.dumps(rec, indent=1))
     return rec
