@@ -704,7 +704,9 @@ def make_attack(name: str, params: dict | None = None, seed: int = 0) -> Attack:
         if k not in fields:
             raise ValueError(f"attack {name!r} has no setting {k!r}; allowed: {', '.join(sorted(fields)) or '(none)'}"
                              + did_you_mean(k, fields))
-    return cls(cls.Config(**params), seed=seed)
+    from unlearn.config import from_dict  # checks and converts the values (YAML reads 1e-4 as a string)
+
+    return cls(from_dict(cls.Config, params, f"eval.attack_params.{name}"), seed=seed)
 
 
 def evaluate_attacks(adapter, forget: list[dict], retain: list[dict] | None, names: list[str], *,

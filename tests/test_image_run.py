@@ -52,7 +52,12 @@ def test_visual_defaults_replace_text_defaults():
     ({"method": {"name": "uce"}, "task": {"name": "visual", "visual": {"guide": ["shape:circle"]}}}, "task.visual.guide"),
     ({"method": {"name": "uce"}, "task": {"name": "visual", "eval_splits": ["forget"]}}, "eval_splits[0]"),
     ({"method": {"name": "uce"}, "task": {"name": "visual", "retain_model": "zoo:tiny-llama/retain90x"}}, "retain_model"),
-    ({"method": {"name": "uce"}, "eval": {"attacks": ["relearn"]}}, "eval.attacks"),
+    ({"method": {"name": "uce"}, "eval": {"attacks": ["in_context"]}}, "eval.attacks[0]"),
+    ({"method": {"name": "uce"}, "eval": {"attacks": ["relearn"], "attack_params": {"quantize_8bit": {}}}},
+     "attack_params.quantize_8bit"),
+    ({"method": {"name": "uce"}, "task": {"name": "visual", "eval_splits": ["retain"]}, "eval": {"attacks": ["relearn"]}},
+     "forget_explicit"),
+    ({"method": {"name": "uce"}, "eval": {"probes": ["linear_probe"]}}, "eval.probes"),
     ({"method": {"name": "npo", "params": {"retain_loss": "kl"}}}, "retain_loss"),
     ({"method": {"name": "grad_ascent", "selection": {"name": "group", "params": {"group": "attn"}}}},
      "method.selection.params.group"),
@@ -242,3 +247,36 @@ def test_image_editors_run_from_a_recipe(tiny_dir, tmp_path, method, check):
         assert type(back).__name__ == "SAFREEAdapter"
         assert back.fingerprint() == res.metrics["provenance"]["model"]["fingerprint_after"]
     assert res.metrics["editor"]["headline"]
+
+
+def test_image_attacks_run_from_a_recipe_and_show_in_the_report(tiny_dir, tmp_path):
+    """eval.attacks on a visual run: every attack scores the forget splits and retain before and
+    after; the erased model's own evaluation is the "before"; the report has the table; an
+    unknown setting is named before anything is trained."""
+    import unlearn
+
+    r = _recipe(tiny_dir, tmp_path)
+    r["eval"]["attacks"] = ["embedding_inversion", "relearn", "quantize_4bit"]
+    r["eval"]["attack_params"] = {"relearn": {"steps": 2, "batch_size": 2}}
+    res = unlearn.run(r, progress=False)
+    att = res.metrics["attacks"]["unlearned"]
+    assert list(att) == ["embedding_inversion", "relearn", "quantize_4bit"]
+    unl = res.metrics["models"]["unlearned"]["splits"]
+    for a in att.values():
+        assert set(a["after"]) == {"forget_explicit", "forget_implicit", "retain"}
+        assert a["before"]["forget_explicit"] == unl["forget_explicit"]["metrics"]["erasure_rate"]["value"]
+        assert a["delta"]["retain"] == pytest.approx(a["after"]["retain"] - a["before"]["retain"])
+    assert att["relearn"]["settings"]["steps_done"] == 2
+    assert att["embedding_inversion"]["settings"]["words"] == ["red"]
+    assert "## Attacks on the erased model" in (res.run_dir / "report.md").read_text()
+    # the saved checkpoint is the erased model, not an attacked copy
+    from unlearn.adapters.image import ImageAdapter
+
+    assert ImageAdapter.load(str(res.run_dir / "checkpoint")).fingerprint() == \
+        res.metrics["provenance"]["model"]["fingerprint_after"]
+    r2 = _recipe(tiny_dir, tmp_path / "bad")
+    r2["eval"]["attacks"] = ["relearn"]
+    r2["eval"]["attack_params"] = {"relearn": {"stesp": 2}}
+    with pytest.raises(ValueError, match="unknown setting 'stesp' for image attack 'relearn'.*steps"):
+        unlearn.run(r2, progress=False)
+    assert not (tmp_path / "bad" / "run").exists()

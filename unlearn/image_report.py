@@ -74,6 +74,21 @@ def write_image_report(run_dir: Path, recipe, metrics: dict[str, Any], prov: dic
         lines += ["## Generations before / after", "", "Left: target, right: after erasure. Rows:", ""]
         lines += [f"{i + 1}. `{r['split']}` -- {r['prompt']} (seed {r['seed']})" for i, r in enumerate(grid_rows)]
         lines += ["", "![generations before and after](grid.png)", ""]
+    attacks = (metrics.get("attacks") or {}).get("unlearned") or {}
+    if attacks:
+        cols = [c for c in ("forget_explicit", "forget_implicit", "retain")
+                if any(c in r["after"] for r in attacks.values())]
+        head = {"forget_explicit": "erasure explicit", "forget_implicit": "erasure implicit",
+                "retain": "retain in-domain"}
+        lines += ["## Attacks on the erased model", "",
+                  "Each cell is before → after the attack (Δ). A falling erasure rate means the concept came back.", "",
+                  "| attack | " + " | ".join(head[c] for c in cols) + " | seconds | note |",
+                  "| --- | " + " | ".join("---" for _ in cols) + " | --- | --- |"]
+        for name, r in attacks.items():
+            cells = [f"{_fmt(r['before'].get(c))} → {_fmt(r['after'].get(c))} ({r['delta'][c]:+.3f})"
+                     if c in r["delta"] else "n/a" for c in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']} | {r['note']} |")
+        lines.append("")
     if _plot_loss(run_dir / "train_loss.png", metrics["train"]["history"]):
         lines += ["## Training", "", "![training](train_loss.png)", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -139,6 +139,13 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
                                  grad_accum=tr.grad_accum, optimizer=tr.optimizer, weight_decay=tr.weight_decay,
                                  scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm)
         editor_info = sel_info = None
+        attack_splits = {k: v for k, v in data.eval_splits.items() if k in ("forget_explicit", "forget_implicit", "retain")}
+        if ev.attacks:  # settings are checked before anything is trained
+            from unlearn.evaluators.image_attacks import IMAGE_ATTACKS, _config
+
+            for n in ev.attacks:
+                _config(IMAGE_ATTACKS.get(n), dict(ev.attack_params.get(n) or {}), n)
+        original = adapter.reference() if ev.attacks else None  # the model before erasure (embedding_inversion)
         before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
         t_edit = time.time()
         if is_editor:
@@ -161,6 +168,17 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
         adapter._fingerprint = None
         unl_res = evaluate(adapter, data.eval_splits, label="unlearned", **kw)
         grid_after = _sample_rows(adapter, grid_rows, ev.sample_steps)
+        attacks = None
+        if ev.attacks:
+            from unlearn.evaluators.image_attacks import run_image_attacks
+
+            before_res = {"splits": {k: v for k, v in unl_res["splits"].items() if k in attack_splits}}
+            akw = {**kw, "progress": False}
+            attacks = {"unlearned": run_image_attacks(
+                list(ev.attacks), adapter, original, data, attack_splits,
+                lambda m, sp: evaluate(m, sp, label="attacked", **akw), before_res,
+                params=dict(ev.attack_params), seed=recipe.seed)}
+        del original
 
         models = {"unlearned": unl_res}
         if target_res is not None:
@@ -183,6 +201,8 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
                    "provenance": prov, "changed_parameters": changed}
         if editor_info is not None:
             metrics["editor"] = editor_info
+        if attacks is not None:
+            metrics["attacks"] = attacks
         final = finish_run(rd, recipe, adapter, metrics, prov,
                            lambda: write_image_report(rd.path, recipe, metrics, prov, grid_rows, grid_before, grid_after))
     except BaseException:

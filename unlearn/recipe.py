@@ -36,6 +36,8 @@ ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_re
 # Named attack sets, usable as one entry of ``eval.attacks`` (expanded in place); versioned:
 # a set's content only changes with a new name.
 ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with its default settings
+# Attacks on an erased text-to-image model (``unlearn.evaluators.image_attacks``), task visual.
+IMAGE_ATTACKS = ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit")
 # Probes run on the target and on the unlearned model (``unlearn.probes``), for ``eval.probes``.
 PROBES = ("concept_vectors", "linear_probe", "causal_tracing", "expert_attribution")
 SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
@@ -427,7 +429,8 @@ class EvalSpec:
         for name in self.attacks:
             expanded += list(ATTACK_SUITES[name]) if name in ATTACK_SUITES else [name]
         self.attacks = expanded
-        _check_named_list(self.attacks, self.attack_params, "attacks", "attack", ATTACKS, ATTACK_SUITES)
+        _check_named_list(self.attacks, self.attack_params, "attacks", "attack",
+                          tuple(dict.fromkeys(ATTACKS + IMAGE_ATTACKS)), ATTACK_SUITES)
         _check_named_list(self.probes, self.probe_params, "probes", "probe", PROBES)
 
 
@@ -511,7 +514,12 @@ class Recipe:
         if "linear_probe" in self.eval.probes and self.task.retain_split is None:
             raise RecipeError("recipe key 'eval.probes' includes linear_probe, which trains on the retain authors, "
                               "but task.retain_split is null; name a retain split or remove linear_probe")
-        if self.eval.attacks and "forget" not in self.task.eval_splits:
+        text_attacks = self.eval.attacks if self.task.name != "visual" else []
+        for i, name in enumerate(text_attacks):
+            if name not in ATTACKS:
+                raise RecipeError(f"recipe key 'eval.attacks[{i}]' is {name!r}, an attack on text-to-image models, but "
+                                  f"task.name is {self.task.name!r}; text attacks: {', '.join(ATTACKS)}")
+        if text_attacks and "forget" not in self.task.eval_splits:
             raise RecipeError("recipe key 'eval.attacks' runs attacks over the forget split, but task.eval_splits "
                               "lacks 'forget'")
 
@@ -523,9 +531,15 @@ class Recipe:
                               "use i2p")
         if self.model.source == "zoo:tiny-llama/target":  # the text default
             self.model.source = "zoo:tiny-t2i/target"
-        for key, val in (("eval.attacks", self.eval.attacks), ("eval.probes", self.eval.probes)):
-            if val:
-                raise RecipeError(f"recipe key '{key}' is set, but task 'visual' has no attacks or probes yet; remove it")
+        if self.eval.probes:
+            raise RecipeError("recipe key 'eval.probes' is set, but task 'visual' has no probes yet; remove it")
+        for i, name in enumerate(self.eval.attacks):
+            if name not in IMAGE_ATTACKS:
+                raise RecipeError(f"recipe key 'eval.attacks[{i}]' is {name!r}, a text attack, but task.name is "
+                                  f"'visual'; image attacks: {', '.join(IMAGE_ATTACKS)}")
+        if self.eval.attacks and not any(s in self.task.eval_splits for s in ("forget_explicit", "forget_implicit")):
+            raise RecipeError("recipe key 'eval.attacks' scores the forget splits, but task.eval_splits has neither "
+                              "forget_explicit nor forget_implicit")
         if self.train.evaluates_during_training:
             raise RecipeError("recipe keys 'train.eval_every' / 'train.eval_every_epoch' are for the text tasks; task "
                               "'visual' evaluates after unlearning only: remove them")

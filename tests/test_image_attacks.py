@@ -1,0 +1,89 @@
+"""Image attacks on an erased text-to-image model (evaluators/image_attacks.py), on the shipped
+tiny-t2i zoo: the attacks work on copies, embedding inversion only touches prompts with the
+concept word, relearning brings an erased concept back, quantisation puts weights on the grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unlearn import recipe as recipe_mod
+from unlearn.evaluators.image_attacks import IMAGE_ATTACKS, run_image_attacks
+
+
+@pytest.fixture(scope="module")
+def zoo_setup():
+    from unlearn.adapters.image import ImageAdapter
+    from unlearn.editors import EditContext
+    from unlearn.editors.uce import UCE
+    from unlearn.evaluators.image_judge import ImageJudge
+    from unlearn.tasks.visual_task import load_visual
+    from unlearn.trainer import TrainSettings
+    from unlearn.zoo import zoo_path
+
+    torch.set_num_threads(1)
+    data = load_visual()
+    data.judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
+    original = ImageAdapter.load("zoo:tiny-t2i/target")
+    erased = original.reference()
+    erased._fingerprint = None
+    erased = UCE().apply(erased, data, EditContext(settings=TrainSettings(), seed=0, progress=False)).adapter
+    return data, original, erased
+
+
+def test_registry_matches_the_recipe_names():
+    assert tuple(IMAGE_ATTACKS.names()) == tuple(sorted(recipe_mod.IMAGE_ATTACKS))
+
+
+def test_embedding_inversion_changes_only_prompts_with_the_concept_word(zoo_setup):
+    data, original, erased = zoo_setup
+    model, settings, _ = IMAGE_ATTACKS.get("embedding_inversion")().attacked(erased, original, data)
+    assert settings["words"] == ["red"]
+    plain = ["a picture of a solid blue square"]
+    assert np.array_equal(model.sample(plain, seed=[3], steps=4), erased.sample(plain, seed=[3], steps=4))
+    red = ["a picture of a solid red circle"]
+    assert not np.array_equal(model.sample(red, seed=[3], steps=4), erased.sample(red, seed=[3], steps=4))
+    assert model.changed_prompts == 1  # only the red prompt had the word
+
+
+def test_relearn_brings_the_erased_colour_back_and_leaves_the_erased_model_alone(zoo_setup):
+    from unlearn.editors.rece import concept_erasure
+
+    data, original, erased = zoo_setup
+    fp = erased.fingerprint(refresh=True)
+    rows = data.eval_splits["forget_explicit"][::4][:12]
+    attack = IMAGE_ATTACKS.get("relearn")(IMAGE_ATTACKS.get("relearn").Config(steps=10, lr=2e-4))
+    copy, settings, note = attack.attacked(erased, original, data)
+    assert settings["steps_done"] == 10 and "of 288 forget renders" in note
+    seeds = [int(r["seed"]) for r in rows]
+    prompts = [r["prompt"] for r in rows]
+    before = concept_erasure(data.judge, erased.sample(prompts, seed=seeds, steps=10), rows)
+    after = concept_erasure(data.judge, copy.sample(prompts, seed=seeds, steps=10), rows)
+    assert before >= 0.9 and after <= before - 0.5, (before, after)
+    assert erased.fingerprint(refresh=True) == fp
+
+
+def test_quantize_puts_every_linear_weight_on_its_grid(zoo_setup):
+    data, original, erased = zoo_setup
+    copy, settings, _ = IMAGE_ATTACKS.get("quantize_4bit")().attacked(erased, original, data)
+    assert settings["bits"] == 4 and settings["linear_layers"] > 0
+    for mod in copy.model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            scale = w.abs().amax(dim=1, keepdim=True) / 7
+            q = torch.where(scale > 0, w / scale.clamp_min(1e-30), torch.zeros_like(w))
+            assert torch.allclose(q, q.round(), atol=1e-3)
+            assert q.abs().max() <= 7 + 1e-3
+
+
+def test_run_image_attacks_checks_names_settings_and_the_original(zoo_setup):
+    data, original, erased = zoo_setup
+    ev = lambda m, sp: None  # noqa: E731  (never reached)
+    with pytest.raises(ValueError, match="did you mean 'relearn'"):
+        run_image_attacks(["relern"], erased, original, data, {}, ev, {"splits": {}})
+    with pytest.raises(ValueError, match="unknown setting 'lamb' for image attack 'embedding_inversion'"):
+        run_image_attacks(["embedding_inversion"], erased, original, data, {}, ev, {"splits": {}},
+                          params={"embedding_inversion": {"lamb": 1}})
+    with pytest.raises(ValueError, match="needs the model before erasure"):
+        run_image_attacks(["embedding_inversion"], erased, None, data, {}, ev, {"splits": {}})
