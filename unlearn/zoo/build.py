@@ -233,21 +233,32 @@ def write_manifest(out_dir: str | Path, spec: ZooBuildSpec | None = None) -> dic
     spec = spec or ZooBuildSpec()
     out_dir = Path(out_dir)
     world = build_world(spec.world)
-    manifest = {"family": spec.family, "spec": _jsonable(asdict(spec)), "world_fingerprint": world.fingerprint(),
-                "torch": torch.__version__, "models": {}, "log": [], "build_seconds": 0.0, "parts": {}}
-    for part in PARTS:
+    manifest = merge_part_records(out_dir, PARTS, new_manifest(spec, world), "zoo build: part")
+    manifest["models"].pop("base", None)
+    shutil.rmtree(out_dir / "base", ignore_errors=True)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def new_manifest(spec, world: World) -> dict:
+    """An empty manifest for a family built from ``spec`` (a dataclass with ``family``) on ``world``."""
+    return {"family": spec.family, "spec": _jsonable(asdict(spec)), "world_fingerprint": world.fingerprint(),
+            "torch": torch.__version__, "models": {}, "log": [], "build_seconds": 0.0, "parts": {}}
+
+
+def merge_part_records(out_dir: Path, parts, manifest: dict, what: str) -> dict:
+    """Fold each ``out_dir/part-<part>.json`` (models, log, seconds) into ``manifest`` and delete
+    it; a missing part raises ``ValueError`` ("<what> '<part>' has not been built in ...")."""
+    for part in parts:
         p = out_dir / f"part-{part}.json"
         if not p.exists():
-            raise ValueError(f"zoo build: part {part!r} has not been built in {out_dir}")
+            raise ValueError(f"{what} {part!r} has not been built in {out_dir}")
         rec = json.loads(p.read_text())
         manifest["models"].update(rec["models"])
         manifest["log"] += rec["log"]
         manifest["parts"][part] = rec["seconds"]
         manifest["build_seconds"] += rec["seconds"]
         p.unlink()
-    manifest["models"].pop("base", None)
-    shutil.rmtree(out_dir / "base", ignore_errors=True)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -148,22 +148,12 @@ def build_reader_model(name: str, out_dir: str | Path, spec: ReaderBuildSpec | N
 
 def write_reader_manifest(out_dir: str | Path, spec: ReaderBuildSpec | None = None) -> dict:
     """Merge the per-model records into ``out_dir/manifest.json``."""
+    from unlearn.zoo.build import merge_part_records, new_manifest
+
     spec = spec or ReaderBuildSpec()
     out_dir = Path(out_dir)
-    world = build_world(spec.world)
-    manifest = {"family": spec.family, "spec": json.loads(json.dumps(asdict(spec))),
-                "world_fingerprint": world.fingerprint(), "torch": torch.__version__, "models": {}, "log": [],
-                "build_seconds": 0.0, "parts": {}}
-    for name in spec.models:
-        p = out_dir / f"part-{name}.json"
-        if not p.exists():
-            raise ValueError(f"tiny-reader build: model {name!r} has not been built in {out_dir}")
-        rec = json.loads(p.read_text())
-        manifest["models"].update(rec["models"])
-        manifest["log"] += rec["log"]
-        manifest["parts"][name] = rec["seconds"]
-        manifest["build_seconds"] += rec["seconds"]
-        p.unlink()
+    manifest = merge_part_records(out_dir, spec.models, new_manifest(spec, build_world(spec.world)),
+                                  "tiny-reader build: model")
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(out_dir / "manifest.json")
