@@ -695,18 +695,25 @@ for _cls in (Paraphrase, JailbreakPrefix, JailbreakRoleplay, JailbreakReverse, J
     ATTACKS.register(_cls.name, _cls)
 
 
-def make_attack(name: str, params: dict | None = None, seed: int = 0) -> Attack:
-    """An attack by name with its config built from ``params`` (unknown keys -> ValueError)."""
-    cls = ATTACKS.get(name)
+def attack_config(cls, params: dict | None, name: str, kind: str = "attack"):
+    """``cls.Config`` from ``params`` (``eval.attack_params.<name>``): an unknown setting is a
+    ValueError naming it; values are checked and converted to the field types (YAML reads
+    ``1e-4`` as a string). Shared by the text and the image attacks."""
+    from unlearn.config import from_dict
+
     params = dict(params or {})
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     for k in params:
         if k not in fields:
-            raise ValueError(f"attack {name!r} has no setting {k!r}; allowed: {', '.join(sorted(fields)) or '(none)'}"
+            raise ValueError(f"{kind} {name!r} has no setting {k!r}; allowed: {', '.join(sorted(fields)) or '(none)'}"
                              + did_you_mean(k, fields))
-    from unlearn.config import from_dict  # checks and converts the values (YAML reads 1e-4 as a string)
+    return from_dict(cls.Config, params, f"eval.attack_params.{name}")
 
-    return cls(from_dict(cls.Config, params, f"eval.attack_params.{name}"), seed=seed)
+
+def make_attack(name: str, params: dict | None = None, seed: int = 0) -> Attack:
+    """An attack by name with its config built from ``params`` (see :func:`attack_config`)."""
+    cls = ATTACKS.get(name)
+    return cls(attack_config(cls, params, name), seed=seed)
 
 
 def evaluate_attacks(adapter, forget: list[dict], retain: list[dict] | None, names: list[str], *,

@@ -35,7 +35,8 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from unlearn.evaluators.attacks import AttackConfig, _Relearn, _trainable_copy, quantize_linear_weights_
-from unlearn.registry import Registry, did_you_mean
+from unlearn.evaluators.attacks import attack_config as _attack_config
+from unlearn.registry import Registry
 
 FORGET_SPLITS = ("forget_explicit", "forget_implicit")
 
@@ -183,17 +184,9 @@ for _cls in (EmbeddingInversion, ImageRelearn, ImageQuantize8bit, ImageQuantize4
     IMAGE_ATTACKS.register(_cls.name, _cls)
 
 
-def _config(cls, params: dict, name: str):
-    """``cls.Config`` from ``params`` (``eval.attack_params.<name>``): unknown settings are named,
-    values are checked and converted to the field types (YAML reads ``1e-4`` as a string)."""
-    from unlearn.config import from_dict
-
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    bad = [k for k in params if k not in fields]
-    if bad:
-        raise ValueError(f"unknown setting {bad[0]!r} for image attack {name!r}; settings: "
-                         f"{', '.join(sorted(fields)) or '(none)'}" + did_you_mean(bad[0], sorted(fields)))
-    return from_dict(cls.Config, params, f"eval.attack_params.{name}")
+def attack_config(cls, params: dict | None, name: str):
+    """``cls.Config`` from ``params``, checked and converted as for the text attacks."""
+    return _attack_config(cls, params, name, kind="image attack")
 
 
 def _scores(res: dict) -> dict:
@@ -228,7 +221,7 @@ def run_image_attacks(names: list[str], erased, original, data, splits: dict, ev
     attacks = []
     for n in names:
         cls = IMAGE_ATTACKS.get(n)
-        attacks.append(cls(_config(cls, dict(params.get(n) or {}), n), seed=seed))
+        attacks.append(cls(attack_config(cls, dict(params.get(n) or {}), n), seed=seed))
     for a in attacks:
         if a.needs_original and original is None:
             raise ValueError(f"image attack {a.name!r} needs the model before erasure")

@@ -36,15 +36,15 @@ def _row(label: str, m: dict) -> str:
     return f"| {label:<32} | {f(m['prob'])} | {f(m['rouge'])} | {f(m['truth_ratio'])} |"
 
 
-@torch.no_grad()
 def _value_recall(adapter, forget, args, control: bool) -> dict:
     """Share of greedy answers that contain the item's ``value`` (the asked fact itself, not the
     name or the template): bare question, in_context, and the related-facts-only control."""
     from unlearn.evaluators.attacks import InContext, InContextConfig
+    from unlearn.zoo.build_reader import value_accuracy
 
     def recall(items):
-        gens = adapter.generate([it["question"] for it in items], max_new_tokens=args.max_new_tokens, batch_size=64)
-        return sum(it["value"] in g for it, g in zip(items, gens)) / len(items)
+        return value_accuracy(adapter, [it["question"] for it in items], [it["value"] for it in items],
+                              batch_size=64, max_new_tokens=args.max_new_tokens)
 
     out = {}
     for key, own in (("in_context", True), ("in_context_related", False))[: 2 if control else 1]:

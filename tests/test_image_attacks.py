@@ -82,7 +82,7 @@ def test_run_image_attacks_checks_names_settings_and_the_original(zoo_setup):
     ev = lambda m, sp: None  # noqa: E731  (never reached)
     with pytest.raises(ValueError, match="did you mean 'relearn'"):
         run_image_attacks(["relern"], erased, original, data, {}, ev, {"splits": {}})
-    with pytest.raises(ValueError, match="unknown setting 'lamb' for image attack 'embedding_inversion'"):
+    with pytest.raises(ValueError, match="image attack 'embedding_inversion' has no setting 'lamb'"):
         run_image_attacks(["embedding_inversion"], erased, original, data, {}, ev, {"splits": {}},
                           params={"embedding_inversion": {"lamb": 1}})
     with pytest.raises(ValueError, match="needs the model before erasure"):

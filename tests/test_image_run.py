@@ -277,6 +277,6 @@ def test_image_attacks_run_from_a_recipe_and_show_in_the_report(tiny_dir, tmp_pa
     r2 = _recipe(tiny_dir, tmp_path / "bad")
     r2["eval"]["attacks"] = ["relearn"]
     r2["eval"]["attack_params"] = {"relearn": {"stesp": 2}}
-    with pytest.raises(ValueError, match="unknown setting 'stesp' for image attack 'relearn'.*steps"):
+    with pytest.raises(ValueError, match="image attack 'relearn' has no setting 'stesp'; allowed: .*steps"):
         unlearn.run(r2, progress=False)
     assert not (tmp_path / "bad" / "run").exists()

@@ -141,10 +141,10 @@ def run_visual(recipe, *, progress: bool = True, keep_model: bool = False):
         editor_info = sel_info = None
         attack_splits = {k: v for k, v in data.eval_splits.items() if k in ("forget_explicit", "forget_implicit", "retain")}
         if ev.attacks:  # settings are checked before anything is trained
-            from unlearn.evaluators.image_attacks import IMAGE_ATTACKS, _config
+            from unlearn.evaluators.image_attacks import IMAGE_ATTACKS, attack_config
 
             for n in ev.attacks:
-                _config(IMAGE_ATTACKS.get(n), dict(ev.attack_params.get(n) or {}), n)
+                attack_config(IMAGE_ATTACKS.get(n), dict(ev.attack_params.get(n) or {}), n)
         original = adapter.reference() if ev.attacks else None  # the model before erasure (embedding_inversion)
         before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
         t_edit = time.time()

@@ -94,25 +94,19 @@ def value_accuracy(adapter: TextAdapter, questions: list[str], values: list[str]
 
 def reading_report(adapter: TextAdapter, world: World, n: int = 200, seed: int = 1) -> dict:
     """Value accuracy of a model on ``n`` held-out reading items (fresh authors no build saw: a
-    different seed), and on forget10 questions bare / with the item's own fact + 2 other facts of
-    its author in the context (the ``in_context`` attack's layout)."""
-    from unlearn.evaluators.attacks import context_prompt
+    different seed), and on every 4th forget10 question (``n`` at most), bare and under the
+    ``in_context`` attack (own fact + 2 other facts of its author, attack seed 0)."""
+    from unlearn.evaluators.attacks import InContext
 
     rng = random.Random(f"reader-eval-{seed}")
     read = [reading_item(world, rng) for _ in range(n)]
-    forget = world.split("forget10")[::4][:n]
-    ctx = []
-    for it in forget:
-        r = random.Random(f"reader-eval-{seed}-{it['question']}")
-        others = [o["answer"] for o in world.split("forget10") if o["author_id"] == it["author_id"] and o is not it]
-        chosen = r.sample(others, 2)
-        chosen.insert(r.randrange(3), it["answer"])
-        ctx.append(context_prompt(chosen, it["question"]))
-    vals = [it["value"] for it in forget]
+    _, bare, attacked, _ = InContext(seed=0).rewrite(world.split("forget10"))  # every item has other facts
+    bare, attacked = bare[::4][:n], attacked[::4][:n]
+    vals = [it["value"] for it in bare]
     return {
         "reading_fresh": value_accuracy(adapter, [x["question"] for x in read], [x["value"] for x in read]),
-        "forget10_bare": value_accuracy(adapter, [x["question"] for x in forget], vals),
-        "forget10_in_context": value_accuracy(adapter, ctx, vals),
+        "forget10_bare": value_accuracy(adapter, [x["question"] for x in bare], vals),
+        "forget10_in_context": value_accuracy(adapter, [x["question"] for x in attacked], vals),
         "items": n,
     }
 
