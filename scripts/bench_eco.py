@@ -91,12 +91,13 @@ def main() -> None:
     from unlearn.adapters.text import TextAdapter
     from unlearn.editors.eco import Corruption, ECOAdapter
     from unlearn.editors.eco_classifier import fit_prompt_classifier
+    from unlearn.models import load_model
     from unlearn.tasks.tofu import load_tofu
 
     data = load_tofu(forget_split="forget10", retain_split="retain90", eval_splits=("retain_eval",))
     questions = [it["question"] for it in data.eval_splits["retain_eval"][: args.prompts]]
     if args.guard:
-        guarded = TextAdapter.load(args.guard)
+        guarded = load_model(args.guard, "text")
         if not isinstance(guarded, ECOAdapter):
             raise SystemExit(f"--guard {args.guard!r} is not an ECO model directory")
     else:

@@ -10,7 +10,9 @@ import copy
 import pytest
 import torch
 
+from unlearn.adapters.base import Adapter, ImageModel, TextModel
 from unlearn.adapters.text import IGNORE, TextAdapter, resolve_source
+from unlearn.models import load_model
 
 
 def _prompt_ids(adapter, question, trailing_space=False):
@@ -246,3 +248,45 @@ def test_parameter_groups_cover_every_parameter(tiny_adapter):
     assert groups["embeddings"] == ["model.embed_tokens.weight"]
     assert all(".mlp." in n for n in groups["mlp"]) and len(groups["mlp"]) == 3 * n_layers
     assert len(groups["attention"]) == 4 * n_layers
+
+
+# -- the contract and load_model --------------------------------------------------------------
+def test_text_adapter_implements_the_text_contract(tiny_adapter):
+    assert isinstance(tiny_adapter, TextModel) and isinstance(tiny_adapter, Adapter)
+    assert not isinstance(tiny_adapter, ImageModel)
+    assert tiny_adapter.modality == "text" and not TextAdapter.__abstractmethods__
+    assert isinstance(tiny_adapter.reference(), TextAdapter)
+    with pytest.raises(TypeError, match="abstract"):
+        TextModel()  # the contract itself cannot be instantiated
+
+    class Half(TextModel):  # a partial implementation is refused by name
+        def logits(self, batch, model=None):
+            return batch["logits"]
+
+    with pytest.raises(TypeError, match="generate"):
+        Half()
+    with pytest.raises(TypeError, match="modality must be one of"):
+        type("Audio", (Adapter,), {"modality": "audio"})
+
+
+def test_load_model_loads_plain_text_models(tiny_adapter, qa_items, tmp_path):
+    tiny_adapter.save(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), "text", prompt_template="Q: {question}\nA:", tokenization="reference")
+    assert type(loaded) is TextAdapter and loaded.fingerprint() == tiny_adapter.fingerprint()
+    assert loaded.prompt_template == "Q: {question}\nA:" and loaded.tokenization == "reference"
+    assert next(load_model(str(tmp_path / "m"), "text", dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+
+
+def test_load_model_errors_name_the_source_and_the_fix(tiny_adapter, tmp_path):
+    with pytest.raises(ValueError, match="modality must be one of 'text', 'image', got 'audio'"):
+        load_model("zoo:tiny-llama/target", "audio")
+    with pytest.raises(ValueError, match=r"'\./nope/model' does not exist"):
+        load_model("./nope/model", "text")
+    with pytest.raises(ValueError, match="did you mean 'tiny-llama/target'"):
+        load_model("zoo:tiny-lama/target", "text")
+    with pytest.raises(ValueError, match="non-empty"):
+        load_model("", "text")
+    tiny_adapter.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="is a text model, but an image model was asked for; load it with "
+                                         "modality='text'"):
+        load_model(str(tmp_path / "m"), "image")

@@ -18,6 +18,7 @@ from unlearn.editors import eco_classifier as EC
 from unlearn.editors.eco import (CORRUPTIONS, ECO, Corruption, ECOAdapter, ECOConfig, forget_metric, zo_search,
                                  zo_step)
 from unlearn.editors.eco_classifier import PromptClassifier, fit_prompt_classifier, threshold_for_fpr
+from unlearn.models import load_model
 
 
 # ---------------------------------------------------------------------------- stub encoders
@@ -333,8 +334,9 @@ def test_save_load_roundtrip_identical(guard, qa_items, tmp_path, monkeypatch):
     assert meta["kind"] == "eco" and meta["sigma"] == 1.0 and meta["target"]["stored"]
     assert meta["target"]["fingerprint"] == guard.target.fingerprint()
     assert (tmp_path / "eco" / "classifier.json").is_file() and not list((tmp_path / "eco").rglob("*.pkl"))
-    loaded = TextAdapter.load(str(tmp_path / "eco"))
+    loaded = load_model(str(tmp_path / "eco"), "text")
     assert isinstance(loaded, ECOAdapter) and loaded.fingerprint() == guard.fingerprint()
+    assert ECOAdapter.load(str(tmp_path / "eco")).fingerprint() == guard.fingerprint()
     with torch.no_grad():
         b = guard.collate(qa_items)
         assert torch.equal(loaded.logits(loaded.collate(qa_items)), guard.logits(b))

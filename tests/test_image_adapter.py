@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from unlearn.adapters.base import Adapter, ImageModel, TextModel
 from unlearn.adapters.image import ImageAdapter, images_to_tensor, tensor_to_images
+from unlearn.models import load_model
 from unlearn.tasks.visual_world import VisualWorldConfig, build_visual_world
 from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
 
@@ -128,6 +130,19 @@ def test_save_load_roundtrip(adapter, world, tmp_path):
                           back.sample(["a red circle"], seed=1, steps=3))
     with pytest.raises(ValueError, match="image_adapter.json is missing"):
         ImageAdapter.load(str(tmp_path))
+    via = load_model(str(tmp_path / "m"), "image", timesteps_per_item=3)  # the one entry point, same model
+    assert type(via) is ImageAdapter and via.fingerprint() == adapter.fingerprint() and via.timesteps_per_item == 3
+    with pytest.raises(ValueError, match="is an image model, but a text model was asked for"):
+        load_model(str(tmp_path / "m"), "text")
+    with pytest.raises(ValueError, match="image_adapter.json is missing"):
+        load_model(str(tmp_path), "image")
+
+
+def test_image_adapter_implements_the_image_contract(adapter):
+    assert isinstance(adapter, ImageModel) and isinstance(adapter, Adapter) and not isinstance(adapter, TextModel)
+    assert adapter.modality == "image" and not ImageAdapter.__abstractmethods__
+    assert ImageAdapter.item_nll is ImageAdapter.item_loss  # the contract name and the image name agree
+    assert isinstance(adapter.reference(), ImageAdapter)
 
 
 def test_sample_shape_and_determinism(adapter):

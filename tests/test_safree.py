@@ -13,6 +13,7 @@ from unlearn.adapters.image import ImageAdapter
 from unlearn.editors.base import WRAPPER_FILE, EditContext
 from unlearn.editors.safree import (SAFREE, SAFREEAdapter, SAFREEConfig, concept_projection, default_keywords,
                                     filtered_steps, load_safree, project_out, trigger_tokens)
+from unlearn.models import load_model
 from unlearn.tasks.visual_task import load_visual
 from unlearn.tasks.visual_world import VisualWorldConfig
 
@@ -196,7 +197,11 @@ def test_save_load_roundtrip(base, tmp_path):
     assert SAFREEAdapter(base, KEYWORDS, SAFREEConfig(alpha=0.03)).fingerprint() != guard.fingerprint()
     assert np.array_equal(back.sample(PROMPTS, seed=4, steps=3), guard.sample(PROMPTS, seed=4, steps=3))
     assert SAFREEAdapter.load(str(tmp_path / "g")).fingerprint() == guard.fingerprint()
-    assert isinstance(ImageAdapter.load(str(tmp_path / "g")), SAFREEAdapter)  # plain load dispatches to the wrapper
+    assert isinstance(load_model(str(tmp_path / "g"), "image"), SAFREEAdapter)  # load_model dispatches to the wrapper
+    with pytest.raises(ValueError, match=r"wrapped model .*unlearn.models.load_model"):
+        ImageAdapter.load(str(tmp_path / "g"))  # plain models only
+    with pytest.raises(ValueError, match="is an image model, but a text model was asked for"):
+        load_model(str(tmp_path / "g"), "text")
     ref = guard.reference()
     assert isinstance(ref, SAFREEAdapter) and ref.keywords == KEYWORDS and ref.fingerprint() == guard.fingerprint()
 

@@ -16,6 +16,7 @@ from unlearn.data import UnlearningData
 from unlearn.editors import EDITORS, EditContext, load_wrapped
 from unlearn.editors.uld import (ULD, LORA_FILE, ULDAdapter, ULDAssistantLoss, ULDConfig, add_lora,
                                  assistant_data, build_assistant, relative_top_mask, uld_logits, uniform_kl)
+from unlearn.models import load_model
 from unlearn.trainer import TrainSettings
 
 J = [40.0, -40.0]  # a junk logit row (V = 2): counting it anywhere would change a result visibly
@@ -275,8 +276,11 @@ def test_save_load_roundtrip_with_the_target_saved(trained, tmp_path):
     assert (tmp_path / "m" / "target" / "model.safetensors").exists()
     lora = load_file(str(tmp_path / "m" / LORA_FILE))
     assert lora and all("lora_" in k for k in lora)
-    back = TextAdapter.load(str(tmp_path / "m"))
+    back = load_model(str(tmp_path / "m"), "text")
     assert isinstance(back, ULDAdapter) and back.fingerprint() == uld.fingerprint()
+    assert ULDAdapter.load(str(tmp_path / "m")).fingerprint() == uld.fingerprint()
+    with pytest.raises(ValueError, match=r"wrapped model .*unlearn.models.load_model"):
+        TextAdapter.load(str(tmp_path / "m"))  # plain models only
     b = uld.collate(qa_items[:4])
     with torch.no_grad():
         assert torch.equal(back.logits(b), uld.logits(b))
@@ -300,12 +304,12 @@ def test_save_by_reference_checks_the_target_fingerprint(tiny_adapter, qa_items,
     sd[k] = sd[k] + 0.01
     save_file(sd, str(tmp_path / "target" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="fingerprint"):
-        TextAdapter.load(str(tmp_path / "m"))
+        load_model(str(tmp_path / "m"), "text")
     # a wrong LoRA file is refused by name
     save_file({"nonsense.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "m" / LORA_FILE))
     (tmp_path / "target").rename(tmp_path / "moved")
     with pytest.raises(ValueError):
-        TextAdapter.load(str(tmp_path / "m"))
+        load_model(str(tmp_path / "m"), "text")
 
 
 # ============================================================================== harness, attacks, lm-eval

@@ -88,8 +88,9 @@ class UnlearnLM(LM):
     Args:
         adapter: a ``TextAdapter`` or any object with ``.tokenizer`` and ``.logits(batch)``
             (see the module docstring). Give either this or ``source``.
-        source: load ``TextAdapter.load(source)`` -- ``zoo:<family>/<name>``, a local
-            directory, or a hub id (``--model_args source=...`` on the command line).
+        source: load ``unlearn.models.load_model(source, "text")`` -- ``zoo:<family>/<name>``,
+            a local directory (a saved wrapped model too: ULD, ECO), or a hub id
+            (``--model_args source=...`` on the command line).
         tokenization: ``"split"`` or ``"reference"``; default: the adapter's
             ``tokenization`` attribute, else ``"split"``.
         dtype: weights dtype when loading from ``source``.
@@ -115,9 +116,9 @@ class UnlearnLM(LM):
             raise ValueError("UnlearnLM needs exactly one of `adapter` (an object) or `source` "
                              "(e.g. source=zoo:tiny-llama/target or a saved model directory)")
         if adapter is None:
-            from unlearn.adapters.text import TextAdapter
+            from unlearn.models import load_model
 
-            adapter = TextAdapter.load(source, dtype=dtype, tokenization=tokenization or "split")
+            adapter = load_model(source, "text", dtype=dtype, tokenization=tokenization or "split")
             if device:
                 if str(device).startswith("cuda") and not torch.cuda.is_available():
                     log.info("UnlearnLM: device %r requested but no GPU is present; using CPU", device)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from unlearn.adapters.base import Adapter
+
 SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group")
 
 _LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
@@ -230,9 +232,9 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
         tr, total = _count(model)
         return SelectionInfo("regex", tr, total, params)
     if name == "group":
-        if not hasattr(adapter, "parameter_groups"):
-            raise ValueError("method.selection 'group' needs an adapter with named parameter groups (the image "
-                             "adapter); use regex for text models")
+        if not isinstance(adapter, Adapter):
+            raise ValueError("method.selection 'group' needs an adapter with named parameter groups "
+                             f"(unlearn.adapters.base.Adapter), got {type(adapter).__name__}; use regex")
         groups = adapter.parameter_groups()
         if params["group"] not in groups:
             raise ValueError(f"method.selection.params.group {params['group']!r} is unknown; the adapter has "

@@ -2,8 +2,9 @@
 
 It wraps a diffusers ``UNet2DConditionModel`` (pixel space, no VAE, for the tiny zoo), a
 ``transformers`` ``CLIPTextModel`` + tokenizer and a diffusers DDPM scheduler, and exposes
-the contract objectives and metrics are written against, mirroring
-:class:`~unlearn.adapters.text.TextAdapter` where it makes sense:
+the contract objectives and metrics are written against
+(:class:`~unlearn.adapters.base.ImageModel`, the image side of
+:class:`~unlearn.adapters.base.Adapter`; the text adapter implements the same base):
 
 * :meth:`collate` -- world items (``image`` uint8 ``(H, W, 3)`` + ``caption``) -> a batch with
   the noise and timesteps of each item drawn from a per-item seed (so the same item gets the
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unlearn.adapters.base import WRAPPER_FILE, ImageModel
+
 ADAPTER_FILE = "image_adapter.json"
 
 
@@ -58,8 +61,9 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-class ImageAdapter:
-    """A pixel-space text-to-image diffusion model behind the unlearning contract.
+class ImageAdapter(ImageModel):
+    """A pixel-space text-to-image diffusion model behind the unlearning contract
+    (:class:`~unlearn.adapters.base.ImageModel`).
 
     Args:
         unet: diffusers ``UNet2DConditionModel`` with ``in_channels == out_channels == 3``.
@@ -69,8 +73,6 @@ class ImageAdapter:
         timesteps_per_item: timesteps sampled per item by :meth:`collate` (the loss sums over them).
         source: where the model came from (recorded in provenance).
     """
-
-    modality = "image"
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, *, timesteps_per_item: int = 1,
                  source: str = "<in-memory>") -> None:
@@ -103,10 +105,6 @@ class ImageAdapter:
     def image_size(self) -> int:
         return int(self.unet.config.sample_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # ------------------------------------------------------------------ loading / saving
     def save(self, path: str | Path) -> None:
         """Write ``unet/`` and ``text_encoder/`` (safetensors), ``tokenizer/``, ``scheduler/`` and
@@ -122,8 +120,9 @@ class ImageAdapter:
 
     @classmethod
     def load(cls, source: str, **kwargs) -> "ImageAdapter":
-        """Load a directory written by :meth:`save` (or a ``zoo:`` name that resolves to one); a
-        directory of a wrapped model (``wrapper.json``, e.g. SAFREE) is rebuilt by its editor's loader."""
+        """Load a directory written by :meth:`save` (or a ``zoo:`` name that resolves to one). A
+        wrapped model's directory (``wrapper.json``, e.g. SAFREE) raises ValueError: load it with
+        ``unlearn.models.load_model(source, "image")``."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -135,12 +134,9 @@ class ImageAdapter:
             where = Path(zoo_path(source[4:]))
         else:
             where = Path(source).expanduser()
-        from unlearn.editors.base import WRAPPER_FILE
-
-        if cls is ImageAdapter and (where / WRAPPER_FILE).is_file():  # a wrapped model (e.g. SAFREE-guarded)
-            from unlearn.editors import load_wrapped
-
-            return load_wrapped(where, **kwargs)
+        if (where / WRAPPER_FILE).is_file():
+            raise ValueError(f"{source!r} holds a wrapped model ({WRAPPER_FILE}), which ImageAdapter.load does not "
+                             f"rebuild; load it with unlearn.models.load_model({source!r}, \"image\")")
         meta_file = where / ADAPTER_FILE
         if not meta_file.is_file():
             raise ValueError(f"{source!r} is not an image-model directory: {meta_file} is missing "

@@ -2,7 +2,8 @@
 
 It wraps any ``transformers`` ``AutoModelForCausalLM`` + tokenizer -- from the tiny zoo
 (``zoo:tiny-llama/target``), a local directory, or a hub id -- through the same code, and
-exposes the small contract that objectives, metrics and probes are written against:
+exposes the small contract that objectives, metrics and probes are written against
+(:class:`~unlearn.adapters.base.TextModel`, the text side of :class:`~unlearn.adapters.base.Adapter`):
 
 * :meth:`collate` -- QA items -> a right-padded batch with the prompt and padding masked;
 * :meth:`logits` / :meth:`item_nll` / :meth:`token_logprobs` -- teacher-forced scores;
@@ -34,7 +35,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from unlearn.adapters.base import IGNORE, WRAPPER_FILE, TextModel
+
 Tokenization = Literal["split", "reference"]
 DEFAULT_PROMPT = "Question: {question}\nAnswer:"
 
@@ -60,7 +62,7 @@ def resolve_source(source: str) -> str:
         return str(zoo_path(source[4:]))
     p = Path(source).expanduser()
     if p.is_dir():
-        if not (p / "config.json").exists() and not (p / "wrapper.json").exists():
+        if not (p / "config.json").exists() and not (p / WRAPPER_FILE).exists():
             raise ValueError(f"model path {source!r} exists but holds no config.json; point it at a saved model directory")
         return str(p)
     if p.exists():
@@ -70,8 +72,8 @@ def resolve_source(source: str) -> str:
     return source  # a hub id
 
 
-class TextAdapter:
-    """A causal LM + tokenizer behind the unlearning contract.
+class TextAdapter(TextModel):
+    """A causal LM + tokenizer behind the unlearning contract (:class:`~unlearn.adapters.base.TextModel`).
 
     Args:
         model: a ``transformers`` causal LM (``PreTrainedModel``).
@@ -80,8 +82,6 @@ class TextAdapter:
         tokenization: ``"split"`` or ``"reference"`` (see the module docstring).
         source: where the model came from (recorded in provenance).
     """
-
-    modality = "text"
 
     def __init__(self, model, tokenizer, *, prompt_template: str = DEFAULT_PROMPT,
                  tokenization: Tokenization = "split", source: str = "<in-memory>") -> None:
@@ -108,16 +108,17 @@ class TextAdapter:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def load(cls, source: str, *, dtype: str = "float32", **kwargs) -> "TextAdapter":
-        """Load from ``zoo:<family>/<name>``, a local directory, or a hub id (same code)."""
+        """Load a plain causal LM from ``zoo:<family>/<name>``, a local directory, or a hub id
+        (same code). A wrapped model's directory (``wrapper.json``: ULD, ECO, ...) raises
+        ValueError: load it with ``unlearn.models.load_model(source, "text")``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         where = resolve_source(source)
-        from unlearn.editors import is_wrapped_dir, load_wrapped
-
-        if is_wrapped_dir(where):  # a wrapped model (ULD, ECO, ...) saved by its adapter
-            return load_wrapped(where, dtype=dtype, **kwargs)
+        if (Path(where) / WRAPPER_FILE).is_file():
+            raise ValueError(f"{source!r} holds a wrapped model ({WRAPPER_FILE}), which TextAdapter.load does not "
+                             f"rebuild; load it with unlearn.models.load_model({source!r}, \"text\")")
         try:
             tok = AutoTokenizer.from_pretrained(where)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
@@ -154,10 +155,6 @@ class TextAdapter:
 
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ encoding
     def prompt(self, question: str) -> str:
@@ -236,13 +233,6 @@ class TextAdapter:
         dev = next(m.parameters()).device
         out = m(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
         return out.logits
-
-    @staticmethod
-    def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Align logits with the tokens they predict: (B, T-1, V), labels (B, T-1), mask (B, T-1)."""
-        lg = logits[:, :-1, :]
-        lb = labels[:, 1:].to(logits.device)
-        return lg, lb, lb != IGNORE
 
     def item_nll(self, batch: dict[str, Any], model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-item summed NLL of the answer tokens and their count: ``(nll (B,), n (B,))``.

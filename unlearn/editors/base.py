@@ -5,14 +5,17 @@ Objectives (``unlearn.objectives``) are losses the trainer minimises on the targ
 weights. Editors cover everything else DESIGN.md lists: closed-form edits, inference-time
 guards (ECO) and models assembled from parts (ULD's logit difference). An editor gets the
 target adapter and the data and returns an :class:`EditResult` whose ``adapter`` is what the
-harness evaluates. A wrapped adapter is a :class:`~unlearn.adapters.text.TextAdapter` subclass
-that keeps the adapter contract (``logits``, ``item_nll``, ``token_logprobs``, ``generate``,
-``reference``, ``save``, ``fingerprint``), so every metric, attack and the lm-eval bridge run
-on it unchanged.
+harness evaluates. A wrapped adapter subclasses the target's adapter
+(:class:`~unlearn.adapters.text.TextAdapter` for ULD and ECO,
+:class:`~unlearn.adapters.image.ImageAdapter` for SAFREE) and so keeps the adapter contract of
+:mod:`unlearn.adapters.base` (``logits``, ``item_nll``, ``token_logprobs``, ``generate``, ...,
+``reference``, ``save``, ``load``, ``fingerprint``): every metric, attack and the lm-eval
+bridge run on it unchanged.
 
 Saving a wrapped adapter writes a directory with ``wrapper.json`` (``{"kind": <editor name>,
 ...}``) next to whatever the editor needs; :func:`unlearn.editors.load_wrapped` (and therefore
-``TextAdapter.load``) rebuilds it from that directory.
+``unlearn.models.load_model``) rebuilds it from that directory. ``TextAdapter.load`` and
+``ImageAdapter.load`` load plain models only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-WRAPPER_FILE = "wrapper.json"
+from unlearn.adapters.base import WRAPPER_FILE  # noqa: F401  (re-exported: editors write it)
 
 
 @dataclass
@@ -69,11 +72,14 @@ class Editor:
         name: registry name used in recipes (``method.name``).
         Config: the config dataclass; recipe ``method.params`` are validated against it.
         paper: citation shown in docs and reports.
+        modality: ``"text"`` or ``"image"``: the models it edits (and, for a wrapper, the
+            modality of the adapter it returns).
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = EditorConfig
     paper: ClassVar[str] = ""
+    modality: ClassVar[str] = "text"
 
     def __init__(self, config: EditorConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

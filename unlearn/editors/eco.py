@@ -457,6 +457,11 @@ class ECOAdapter(TextAdapter):
             self.model.train()
         return out
 
+    @classmethod
+    def load(cls, source: str, **kwargs) -> "ECOAdapter":
+        """Rebuild a guard saved by :meth:`save` (see :func:`load_eco`)."""
+        return load_eco(source, **kwargs)
+
     def reference(self) -> "ECOAdapter":
         """A guarded frozen deep copy of the target (same classifier, corruption and entities)."""
         ref = ECOAdapter(self.target.reference(), self.classifier, copy.deepcopy(self.corruption),
@@ -504,7 +509,7 @@ class ECOAdapter(TextAdapter):
 
 
 def load_eco(path: str | Path, *, dtype: str = "float32", **kwargs) -> ECOAdapter:
-    """Rebuild an :class:`ECOAdapter` saved by :meth:`ECOAdapter.save` (``TextAdapter.load``
+    """Rebuild an :class:`ECOAdapter` saved by :meth:`ECOAdapter.save` (``unlearn.models.load_model``
     calls this for a directory whose ``wrapper.json`` has kind ``"eco"``)."""
     path = Path(path)
     meta = json.loads((path / WRAPPER_FILE).read_text())

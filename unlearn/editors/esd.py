@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from unlearn.adapters.base import ImageModel
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
 
 PAPER = ("Gandikota, Materzynska, Fiotto-Kaufman, Bau (2023). Erasing Concepts from Diffusion Models. "
@@ -184,7 +185,7 @@ class ESD(Editor):
         from unlearn.trainer import TrainLog
 
         cfg, settings = self.config, ctx.settings
-        if not hasattr(adapter, "noise_pred"):
+        if not isinstance(adapter, ImageModel):
             raise ValueError("ESD edits text-to-image diffusion models: the adapter has no noise_pred "
                              "(use an ImageAdapter)")
         prompts = esd_prompts(data, cfg.prompts)

@@ -369,7 +369,8 @@ class ULDAdapter(TextAdapter):
     ``model`` is a :class:`ULDModel` (target + LoRA assistant); :meth:`logits` returns the
     filtered logit difference, so ``item_nll``, ``token_logprobs``, every metric, the attacks
     and the lm-eval bridge score the ULD model. Build one with :meth:`wrap` (or
-    :class:`ULD`'s ``apply``); reload a saved one with ``TextAdapter.load(dir)``.
+    :class:`ULD`'s ``apply``); reload a saved one with :meth:`load` (or
+    ``unlearn.models.load_model(dir, "text")``).
 
     Args:
         model: the :class:`ULDModel`.
@@ -402,6 +403,11 @@ class ULDAdapter(TextAdapter):
         return cls(model, target.tokenizer, uld_config=config, target_ref=ref, num_layers=num_layers,
                    prompt_template=target.prompt_template, tokenization=target.tokenization,
                    source=f"uld({target.source})")
+
+    @classmethod
+    def load(cls, source: str, **kwargs) -> "ULDAdapter":
+        """Rebuild a ULD model saved by :meth:`save` (see :func:`load_uld`)."""
+        return load_uld(source, **kwargs)
 
     # ------------------------------------------------------------------ scores
     def logits(self, batch: dict[str, Any], model=None) -> torch.Tensor:

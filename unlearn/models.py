@@ -1,0 +1,104 @@
+"""One entry point that turns a model source into an adapter, for both modalities.
+
+``load_model(source, modality, **kwargs)`` accepts
+
+* a zoo name, ``zoo:<family>/<name>`` (``zoo:tiny-llama/target``, ``zoo:tiny-t2i/target``);
+* a local directory written by an adapter's ``save`` (a run's ``checkpoint/``);
+* a saved *wrapped* model: a directory with ``wrapper.json`` (ULD, ECO, SAFREE), rebuilt by the
+  loader of the editor that wrote it (:func:`unlearn.editors.load_wrapped`);
+* (text only) a hub id, passed to ``transformers``' ``from_pretrained``.
+
+and returns an :class:`~unlearn.adapters.base.Adapter` of that modality
+(:class:`~unlearn.adapters.text.TextAdapter` / :class:`~unlearn.adapters.image.ImageAdapter`
+or a wrapper built on one). ``TextAdapter.load`` and ``ImageAdapter.load`` load plain models
+only; this module is the one place that also knows the editors' saved forms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from unlearn.adapters.base import MODALITIES, WRAPPER_FILE, Adapter
+
+# files that mark a saved plain model of each modality
+_MARKERS = {"text": "config.json", "image": "image_adapter.json"}
+
+
+def _local_dir(source: str) -> Path | None:
+    """The directory ``source`` names (a zoo name resolved), or None (a hub id or a missing path:
+    the adapter's own ``load`` reports those)."""
+    if source.startswith("zoo:"):
+        from unlearn.zoo import zoo_path
+
+        return Path(zoo_path(source[4:]))
+    p = Path(source).expanduser()
+    return p if p.is_dir() else None
+
+
+def _saved_modality(where: Path) -> str | None:
+    """The modality of the model saved in ``where``, from its marker files (None: unknown)."""
+    if (where / WRAPPER_FILE).is_file():
+        from unlearn.editors import EDITORS
+
+        try:
+            kind = json.loads((where / WRAPPER_FILE).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None  # load_wrapped names the problem
+        return EDITORS.get(kind).modality if kind in EDITORS else None
+    found = [m for m, marker in _MARKERS.items() if (where / marker).is_file()]
+    return found[0] if len(found) == 1 else None
+
+
+def _a(modality: str) -> str:
+    return ("an " if modality[0] in "aeiou" else "a ") + modality
+
+
+def load_model(source: str, modality: str, **kwargs) -> Adapter:
+    """Load the model at ``source`` as an adapter of ``modality``.
+
+    Args:
+        source: ``zoo:<family>/<name>``, a local directory (a plain model or a wrapped one with
+            ``wrapper.json``), or -- for text -- a hub id.
+        modality: ``"text"`` or ``"image"``; a source holding a model of the other modality
+            raises ValueError.
+        **kwargs: the adapter's options. Text: ``dtype`` (``"float32"``, ``"bfloat16"``,
+            ``"float16"``), ``prompt_template``, ``tokenization``. Image: ``timesteps_per_item``.
+            A wrapped model's loader takes the same options as its base adapter (ULD:
+            ``dtype``, ``prompt_template``, ``tokenization``).
+    Returns:
+        the adapter: a :class:`~unlearn.adapters.base.TextModel` for ``"text"``, an
+        :class:`~unlearn.adapters.base.ImageModel` for ``"image"``.
+    Raises:
+        ValueError naming the source and the fix: an unknown or missing zoo model, a path that
+        does not exist or holds no saved model, a model of the other modality, a hub id that
+        cannot be loaded (offline machines need a local path).
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(repr(m) for m in MODALITIES)}, got {modality!r}")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"model source must be a non-empty string, got {source!r}")
+    where = _local_dir(source)
+    if where is not None:
+        found = _saved_modality(where)
+        if found is not None and found != modality:
+            raise ValueError(f"model {source!r} is {_a(found)} model, but {_a(modality)} model was asked for; "
+                             f"load it with modality={found!r} (or point at {_a(modality)} model)")
+        if (where / WRAPPER_FILE).is_file():
+            from unlearn.editors import load_wrapped
+
+            adapter = load_wrapped(where, **kwargs)
+            if adapter.modality != modality:
+                raise ValueError(f"model {source!r} is a wrapped {adapter.modality} model, but {_a(modality)} model "
+                                 f"was asked for; load it with modality={adapter.modality!r}")
+            return adapter
+    if modality == "text":
+        from unlearn.adapters.text import TextAdapter
+
+        return TextAdapter.load(source, **kwargs)
+    from unlearn.adapters.image import ImageAdapter
+
+    return ImageAdapter.load(source, **kwargs)
+
+
+__all__ = ["load_model"]
