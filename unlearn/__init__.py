@@ -1,6 +1,6 @@
 """unlearn: make trained models forget, and measure how well they forgot and what else broke."""
 
-__version__ = "0.1.0"
+from unlearn._version import __version__
 
 
 def run(recipe, overrides=(), **kwargs):

@@ -79,9 +79,9 @@ def library_versions() -> dict[str, str | None]:
 
 
 def provenance(**extra: Any) -> dict[str, Any]:
-    import unlearn
+    from unlearn._version import __version__
 
-    return {"unlearn_version": unlearn.__version__, "git": git_commit(), "python": platform.python_version(),
+    return {"unlearn_version": __version__, "git": git_commit(), "python": platform.python_version(),
             "platform": platform.platform(), "libraries": library_versions(), **extra}
 
 

@@ -36,6 +36,24 @@ from typing import Any, Literal
 import torch
 
 from unlearn.objectives.base import Objective, ObjectiveConfig
+from unlearn.registry import Registry
+
+# The objectives a UOE may train on the expert (its ``base``). ``unlearn.objectives`` hands its
+# registry over with :func:`set_base_objectives` once every objective is registered; this module
+# does not import the package, which imports it.
+_BASES: Registry | None = None
+
+
+def set_base_objectives(registry: Registry) -> None:
+    """Name the registry ``UOEConfig.base`` is looked up in (``unlearn.objectives.OBJECTIVES``)."""
+    global _BASES
+    _BASES = registry
+
+
+def _base_objectives() -> Registry:
+    if _BASES is None:
+        raise RuntimeError("uoe has no base objectives: import it through the unlearn.objectives package")
+    return _BASES
 
 
 @dataclass
@@ -52,8 +70,8 @@ class UOEConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         from unlearn.config import from_dict
-        from unlearn.objectives import OBJECTIVES
 
+        OBJECTIVES = _base_objectives()
         if self.base == "uoe":
             raise ValueError("method.params.base cannot be 'uoe'; name the objective trained on the expert, e.g. grad_diff")
         if self.base not in OBJECTIVES.names():
@@ -92,9 +110,7 @@ class UOE(Objective):
 
     def __init__(self, config: UOEConfig | None = None) -> None:
         super().__init__(config)
-        from unlearn.objectives import OBJECTIVES
-
-        self.base = OBJECTIVES.get(self.config.base)(self.config.base_config)
+        self.base = _base_objectives().get(self.config.base)(self.config.base_config)
         self.target: tuple[int, int] | None = (None if self.config.layer is None
                                                else (self.config.layer, self.config.expert))
         self.attribution: list | None = None
