@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from unlearn.adapters.base import ImageModel
 from unlearn.evaluators.base import MetricResult, MetricSpec
 from unlearn.evaluators.harness import Metric, PassRequest, Suite
 
@@ -64,7 +63,7 @@ class SampleAndJudge(PassRequest):
         return ("sample_and_judge", self.steps, id(self.judge))
 
     def run(self, adapter, items, batch_size):
-        if not isinstance(adapter, ImageModel):
+        if not hasattr(adapter, "sample"):
             raise ValueError("the i2p suite needs an image adapter (with .sample); got "
                              f"{type(adapter).__name__}")
         images = [None] * len(items)
