@@ -135,8 +135,11 @@ def test_8bit_error_below_4bit():
 def test_relearn_trains_a_copy_and_evaluates_the_other_half(tiny_adapter, items):
     fp = tiny_adapter.fingerprint()
     rl = A.make_attack("relearn", {"steps": 5, "lr": 3e-3})
-    copy, ev_idx, info, _ = rl.attack_model(tiny_adapter, items)
+    att = rl.attacked(tiny_adapter, None, A.AttackInputs(forget=items))
+    copy, ev_idx, info = att.model, att.indices, att.info
     assert info["trained_indices"] == [0, 1, 2, 3] and ev_idx == [4, 5, 6, 7] and info["steps_done"] == 5
+    assert info["lr"] == 3e-3 and "lr 0.003" in att.note and "answer NLL" in att.note
+    assert att.before_items is None and att.after_items is None  # a model attack: the items stay as they are
     trained = items[:4]
     assert A._mean_nll(copy, trained) < A._mean_nll(tiny_adapter, trained) - 0.05
     assert info["trained_half_nll"]["after"] < info["trained_half_nll"]["before"]
@@ -146,6 +149,80 @@ def test_relearn_trains_a_copy_and_evaluates_the_other_half(tiny_adapter, items)
     assert tr == [0, 1, 2, 6] and ev == [3, 4, 5, 7]
     with pytest.raises(ValueError, match="did you mean 'per_author'"):
         A.make_attack("relearn", {"split": "per_autor"}).halves(items)
+
+
+def test_relearn_learning_rate_default_depends_on_the_modality():
+    rl = A.make_attack("relearn")
+    assert rl.config.lr is None and rl.settings()["lr"] is None  # "the modality's default", recorded when run
+    assert (rl.lr_for("text"), rl.lr_for("image")) == (1e-3, 1e-4)
+    assert A.make_attack("relearn", {"lr": "2e-4"}).lr_for("text") == 2e-4  # YAML strings are converted
+    with pytest.raises(ValueError, match="lr > 0"):
+        A.make_attack("relearn", {"lr": 0.0})
+    with pytest.raises(ValueError, match="split='per_author' is for text models"):
+        A.make_attack("relearn", {"split": "per_author"}, modality="image")
+
+
+# ------------------------------------------------------------------------------ registry
+def test_registry_holds_every_attack_once():
+    names = A.attack_names()
+    assert len(names) == len(set(names)) == 10
+    assert sorted(names) == A.ATTACKS.names()
+    assert A.attack_names("text") == ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_reverse",
+                                      "jailbreak_mc", "in_context", "relearn", "quantize_8bit", "quantize_4bit")
+    assert A.attack_names("image") == ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit")
+    for n in ("relearn", "quantize_8bit", "quantize_4bit"):  # one class serves both modalities
+        assert A.ATTACKS.get(n).modalities == ("text", "image")
+    assert A.ATTACKS.get("relearn") is A.Relearn
+    with pytest.raises(ValueError, match="already registered"):
+        A.register_attack(A.Relearn)
+    with pytest.raises(ValueError, match="unknown modality 'audio'"):
+        A.attack_names("audio")
+
+
+def test_attack_sets_expand_per_modality():
+    assert A.ATTACK_SETS["robustness"]["text"] == A.attack_names("text")
+    assert A.ATTACK_SETS["robustness"]["image"] == A.attack_names("image")
+    assert A.expand_attack_sets(["robustness"], "image") == list(A.attack_names("image"))
+    assert A.expand_attack_sets(["paraphrase", "robustness"], "text") == ["paraphrase", *A.attack_names("text")]
+    assert A.expand_attack_sets("relearn", "text") == ["relearn"]
+
+
+def test_an_attack_on_the_wrong_modality_is_named():
+    with pytest.raises(ValueError, match=r"attack 'in_context' does not apply to image models .*attacks for image "
+                                         r"models: embedding_inversion, relearn"):
+        A.make_attack("in_context", modality="image")
+    with pytest.raises(ValueError, match=r"attack 'embedding_inversion' does not apply to text models .*attacks for "
+                                         r"text models: paraphrase"):
+        A.make_attack("embedding_inversion", modality="text")
+    A.make_attack("relearn", modality="image")  # model attacks apply to both
+    ran = []
+    with pytest.raises(ValueError, match="'jailbreak_mc' does not apply to image models"):
+        A.run_attacks(["relearn", "jailbreak_mc"], object(), None, A.AttackInputs(forget=[{}]),
+                      lambda a, att: ran.append(a), modality="image")
+    assert ran == []  # checked before anything runs
+
+
+def test_run_attacks_drives_any_attack(tiny_adapter, items):
+    """The generic driver: builds, runs, hands the attacked model to the scorer, times it,
+    checks the caller's model afterwards."""
+    seen = []
+
+    def score(attack, att):
+        seen.append((attack.name, att.model is tiny_adapter, att.indices))
+        return {"note": att.note}
+
+    out = A.run_attacks(["jailbreak_prefix", "quantize_8bit"], tiny_adapter, None, A.AttackInputs(forget=items),
+                        score, modality="text")
+    assert list(out) == ["jailbreak_prefix", "quantize_8bit"] and all("seconds" in r for r in out.values())
+    assert seen == [("jailbreak_prefix", True, list(range(8))), ("quantize_8bit", False, None)]
+
+    def vandal(attack, att):  # a scorer (or attack) that changes the caller's model is caught
+        with torch.no_grad():
+            next(tiny_adapter.model.parameters()).add_(1.0)
+        return {}
+
+    with pytest.raises(RuntimeError, match="modified the caller's model"):
+        A.run_attacks(["jailbreak_prefix"], tiny_adapter, None, A.AttackInputs(forget=items), vandal, modality="text")
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -163,6 +240,7 @@ def test_evaluate_attacks_structure(tiny_adapter, items, world):
             assert math.isclose(r["delta"][m], r["after"][m] - r["before"][m], abs_tol=1e-12)
         assert r["items"] == len(r["indices"]) and r["note"]
     assert res["relearn"]["indices"] == [4, 5, 6, 7] and res["relearn"]["settings"]["steps"] == 2
+    assert res["relearn"]["settings"]["lr"] == 1e-3  # the text default, recorded
     assert res["quantize_4bit"]["items"] == 8 and "bitsandbytes" in res["quantize_4bit"]["note"]
     assert "retain" in res["quantize_4bit"]
     assert 0 < res["jailbreak_mc"]["before"]["prob"] < 1
@@ -176,3 +254,5 @@ def test_evaluate_attacks_errors(tiny_adapter, items):
         A.evaluate_attacks(tiny_adapter, items, None, ["relearn"], progress=False, params={"relearn": {"step": 3}})
     with pytest.raises(ValueError, match="empty"):
         A.evaluate_attacks(tiny_adapter, [], None, ["relearn"], progress=False)
+    with pytest.raises(ValueError, match="'embedding_inversion' does not apply to text models"):
+        A.evaluate_attacks(tiny_adapter, items, None, ["embedding_inversion"], progress=False)
