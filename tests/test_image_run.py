@@ -233,7 +233,7 @@ def test_user_judge_slot(tiny_dir, tmp_path, monkeypatch):
 ])
 def test_image_editors_run_from_a_recipe(tiny_dir, tmp_path, method, check):
     import unlearn
-    from unlearn.adapters.image import ImageAdapter
+    from unlearn.models import load_model
 
     res = unlearn.run(_recipe(tiny_dir, tmp_path, **method), progress=False)
     changed = res.metrics["changed_parameters"]
@@ -243,7 +243,7 @@ def test_image_editors_run_from_a_recipe(tiny_dir, tmp_path, method, check):
         assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
     else:  # SAFREE wraps: no weight changes, the saved checkpoint rebuilds the wrapper
         assert not changed
-        back = ImageAdapter.load(str(res.run_dir / "checkpoint"))
+        back = load_model(str(res.run_dir / "checkpoint"), "image")
         assert type(back).__name__ == "SAFREEAdapter"
         assert back.fingerprint() == res.metrics["provenance"]["model"]["fingerprint_after"]
     assert res.metrics["editor"]["headline"]
