@@ -1,4 +1,7 @@
-"""Adapters: the only place that knows a model family (``text.TextAdapter``, ``image.ImageAdapter``)."""
+"""Adapters: the only place that knows a model family (``text.TextAdapter``, ``image.ImageAdapter``).
+
+The contract they implement is in :mod:`unlearn.adapters.base` (``Adapter``, ``TextModel``,
+``ImageModel``); ``unlearn.models.load_model`` loads any of them, saved wrapped models included."""
 
 from __future__ import annotations
 
