@@ -3,26 +3,17 @@
 The metrics themselves live in :mod:`unlearn.evaluators.suites` and the pass planning in
 :mod:`unlearn.evaluators.harness`; this module adds the cache key (model fingerprint,
 tokenisation, prompt, suite and version, settings, split contents) and the aggregates call
-the runner uses.
+the TOFU task uses.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-CACHE_VERSION = "2"  # bump when the layout of a cached result changes
-
-def eval_key(adapter, splits: dict[str, list[dict]], settings: dict) -> str:
-    from unlearn.data import items_fingerprint
-
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": adapter.fingerprint(), "tok": adapter.tokenization, "prompt": adapter.prompt_template,
-                         "cache": CACHE_VERSION, "settings": settings,
-                         "splits": {k: items_fingerprint(v) for k, v in sorted(splits.items())}}, sort_keys=True).encode())
-    return h.hexdigest()[:24]
+from unlearn.evaluators import harness
+from unlearn.evaluators.cache import cached_result
+from unlearn.evaluators.suites import get_suite
 
 
 def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, max_new_tokens: int = 48,
@@ -32,32 +23,21 @@ def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, ma
 
     Results are cached (when ``cache_dir`` is given) under a key made of the model
     fingerprint, the tokenisation, the prompt, the suite and its version, the settings and
-    the split contents -- never by metric name alone.
+    the split contents -- never by metric name alone (:mod:`unlearn.evaluators.cache`).
     """
-    from unlearn.evaluators import harness
-    from unlearn.evaluators.suites import get_suite
-
     st = get_suite(suite, max_new_tokens=max_new_tokens)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "suite": st.name, "suite_version": st.version}
-    key = eval_key(adapter, splits, settings)
-    cache = Path(cache_dir) / f"{key}.json" if cache_dir else None
-    if cache is not None and cache.exists():
-        return json.loads(cache.read_text())
     protocol = {"tokenization": adapter.tokenization, "prompt_template": adapter.prompt_template,
                 "decoding": "greedy", "memorization_convention": "reference", "max_new_tokens": max_new_tokens}
-    res = harness.evaluate(adapter, splits, st, batch_size=batch_size, progress=progress, label=label, protocol=protocol)
-    if cache is not None:
-        from unlearn.runs import atomic_write_text
-
-        atomic_write_text(cache, json.dumps(res))
-    return res
+    parts = {"model": adapter.fingerprint(), "tok": adapter.tokenization, "prompt": adapter.prompt_template,
+             "settings": settings}
+    return cached_result(cache_dir, parts, splits,
+                         lambda: harness.evaluate(adapter, splits, st, batch_size=batch_size, progress=progress,
+                                                  label=label, protocol=protocol))
 
 
 def summarize(res: dict[str, Any], retain_res: dict[str, Any] | None, forget_split: str = "forget") -> dict[str, Any]:
     """The suite's aggregates: forget quality (vs the retain model's forget truth ratios),
     model utility (harmonic mean of the nine utility values), and for ``tofu-full`` the MIA
     reference attack and privleak."""
-    from unlearn.evaluators import harness
-    from unlearn.evaluators.suites import get_suite
-
     return harness.aggregate(res, get_suite(res.get("suite", "tofu")), retain_res)
