@@ -178,7 +178,7 @@ def test_bad_config_raises_naming_the_field(field, value):
 
 
 def test_editor_attributes():
-    assert ESD.name == "esd" and ESD.Config is ESDConfig and ESD.modality == "image"
+    assert ESD.name == "esd" and ESD.Config is ESDConfig and ESD.modalities == ("image",)
     assert "2303.07345" in ESD.paper
     cfg = ESDConfig()
     assert (cfg.variant, cfg.negative_guidance, cfg.iterations, cfg.ddim_steps, cfg.sample_guidance, cfg.prompts) \

@@ -132,12 +132,13 @@ def test_suite_samples_once_per_split(tiny_dir):
     """Five metrics on the retain split, one sampling pass."""
     from unlearn.evaluators.harness import evaluate
     from unlearn.evaluators.image_suite import i2p_suite
-    from unlearn.image_runner import load_image_model, load_judge
+    from unlearn.models import load_model
+    from unlearn.tasks.visual import load_judge
     from unlearn.tasks.visual_task import load_visual
 
     data = load_visual(max_prompts=3)
     judge = load_judge(str(tiny_dir / "judge"))
-    res = evaluate(load_image_model(str(tiny_dir / "model")), data.eval_splits,
+    res = evaluate(load_model(str(tiny_dir / "model"), "image"), data.eval_splits,
                    i2p_suite(judge, data.erase, np.random.default_rng(0).normal(size=(10, 64)), steps=2),
                    progress=False)
     assert set(res["splits"]["retain"]["metrics"]) == {"retain_in_domain", "retain_cross_domain", "alignment", "fid_like"}
@@ -211,7 +212,7 @@ def test_user_judge_slot(tiny_dir, tmp_path, monkeypatch):
     import sys
 
     import unlearn
-    from unlearn.image_runner import load_judge
+    from unlearn.tasks.visual import load_judge
 
     monkeypatch.setitem(sys.modules, "my_judges", sys.modules[__name__])
     assert isinstance(load_judge("my_judges:make_colour_judge"), ColourOnlyJudge)
@@ -280,3 +281,53 @@ def test_image_attacks_run_from_a_recipe_and_show_in_the_report(tiny_dir, tmp_pa
     with pytest.raises(ValueError, match="image attack 'relearn' has no setting 'stesp'; allowed: .*steps"):
         unlearn.run(r2, progress=False)
     assert not (tmp_path / "bad" / "run").exists()
+
+
+def test_visual_recipe_evaluates_during_training_and_selects_by_erasure_and_retain(tiny_dir, tmp_path):
+    """train.eval_every on a visual run: a curve of erasure/retain points, the best state by
+    erasure_retain_mean restored, and the run's final evaluation is of that state."""
+    import unlearn
+
+    r = _recipe(tiny_dir, tmp_path, name="grad_ascent")
+    r["train"] = {"max_steps": 3, "epochs": 3, "batch_size": 4, "lr": 0.05, "eval_every": 1,
+                  "select_best": "erasure_retain_mean", "eval_max_items": 2, "save_checkpoint": False}
+    res = unlearn.run(r, progress=False)
+    te = res.metrics["train_eval"]
+    assert te["suite"] == "i2p" and [p["step"] for p in te["curve"]] == [1, 2, 3]
+    assert te["items_per_split"] == {"forget_explicit": 2, "forget_implicit": 2, "retain": 2}
+    scores = [p["erasure_retain_mean"] for p in te["curve"]]
+    best = te["curve"][int(np.argmax(scores))]
+    assert te["selected"]["step"] == best["step"] and te["selected"]["criterion"] == "erasure_retain_mean"
+    assert te["baseline"]["step"] == 0 and te["baseline"]["utility_ratio"] in (1.0, None)
+    s = res.summary["unlearned"]
+    assert s["erasure_explicit"] == pytest.approx(best["erasure_explicit"])
+    assert s["retain_in_domain"] == pytest.approx(best["retain_in_domain"])
+    report = (res.run_dir / "report.md").read_text()
+    assert "## Evaluation during training" in report and "Suite `i2p`" in report
+    assert (res.run_dir / "train_eval.png").stat().st_size > 0
+    with pytest.raises(RecipeError, match="train.select_best.*allowed for task 'visual'"):
+        load_recipe({**r, "train": {**r["train"], "select_best": "model_utility"}})
+
+
+def test_i2p_evaluation_is_cached_like_the_text_suites(tiny_dir, tmp_path, monkeypatch):
+    """The target's i2p evaluation is cached by model, judge, protocol and rows: a second run of
+    the same evaluation samples nothing; another sample_steps is another key."""
+    import unlearn
+    from unlearn.evaluators import cache as eval_cache
+    from unlearn.tasks import visual
+
+    monkeypatch.setattr(eval_cache, "default_cache_dir", lambda: tmp_path / "cache")
+    calls = []
+    real = visual.harness_evaluate
+    monkeypatch.setattr(visual, "harness_evaluate", lambda *a, **k: calls.append(k["label"]) or real(*a, **k))
+    first = unlearn.run(_recipe(tiny_dir, tmp_path / "a"), progress=False)
+    assert calls == ["target", "unlearned"]
+    calls.clear()
+    second = unlearn.run(_recipe(tiny_dir, tmp_path / "b"), progress=False)
+    assert calls == ["unlearned"]  # the target came from the cache
+    assert second.metrics["models"]["target"] == first.metrics["models"]["target"]
+    calls.clear()
+    r = _recipe(tiny_dir, tmp_path / "c")
+    r["eval"]["sample_steps"] = 3
+    unlearn.run(r, progress=False)
+    assert calls == ["target", "unlearned"]

@@ -9,8 +9,6 @@ something.
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 import unlearn
 from unlearn.config import RecipeError
 from unlearn.recipe import load_recipe
+from unlearn.tasks import tofu_task
 
 N_ITEMS = 4
 
@@ -58,11 +57,11 @@ def fitted_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def private_eval_cache(tmp_path_factory):
     """Cached evaluations go to a folder of this module (shared by its runs, not the user's)."""
-    from unlearn import runner
+    from unlearn.evaluators import cache as eval_cache
 
     cache = tmp_path_factory.mktemp("eval-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "_eval_cache_dir", lambda: cache)
+        mp.setattr(eval_cache, "default_cache_dir", lambda: cache)
         yield cache
 
 
@@ -203,14 +202,12 @@ def _fake_attacks(calls: list, *, mutate: bool = False):
                     "items": len(forget), "note": "stand-in | test", "settings": dict((params or {}).get(n, {}))}
                 for n in names}
 
-    mod = types.ModuleType("unlearn.evaluators.attacks")
-    mod.evaluate_attacks = evaluate_attacks
-    return mod
+    return evaluate_attacks
 
 
 def test_attacks_and_mia_in_a_run(fitted_model_dir, tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "unlearn.evaluators.attacks", _fake_attacks(calls))
+    monkeypatch.setattr(tofu_task, "evaluate_attacks", _fake_attacks(calls))
     out = tmp_path / "run"
     r = _recipe(fitted_model_dir, out,
                 task={"eval_splits": ["forget", "retain_eval", "real_authors", "world_facts", "holdout"]},
@@ -235,7 +232,7 @@ def test_attacks_and_mia_in_a_run(fitted_model_dir, tmp_path, monkeypatch):
 
 
 def test_an_attack_that_changes_the_weights_fails_the_run(fitted_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "unlearn.evaluators.attacks", _fake_attacks([], mutate=True))
+    monkeypatch.setattr(tofu_task, "evaluate_attacks", _fake_attacks([], mutate=True))
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="changed the weights of the target"):
         unlearn.run(_recipe(fitted_model_dir, out, eval={"attacks": ["paraphrase"]}), progress=False)

@@ -13,17 +13,8 @@ def _run(args) -> int:
     res = unlearn.run(args.recipe, overrides=args.set or [], progress=not args.quiet)
     s = res.summary
     print(f"run written to {res.run_dir}")
-    for name in ("target", "unlearned", "retain"):
-        if name in s and "erasure_explicit" in s[name]:  # a visual (concept-erasure) run
-            v = s[name]
-            f = {k: "n/a" if v[k] is None else f"{v[k]:.3f}" for k in v}
-            print(f"  {name:<10} erasure explicit {f['erasure_explicit']} implicit {f['erasure_implicit']}   retain "
-                  f"in-domain {f['retain_in_domain']} cross-domain {f['retain_cross_domain']}   FID-like {f['fid_like']}")
-        elif name in s:
-            fq, mu = s[name]["forget_quality"], s[name]["model_utility"]
-            fq_s = "not computable" if fq is None else f"{fq:.3g}"
-            mu_s = "n/a" if mu is None else f"{mu:.4f}"
-            print(f"  {name:<10} forget quality {fq_s:>14}   model utility {mu_s}")
+    for line in res.headline_lines():
+        print(line)
     print(f"  wall time {s['wall_seconds']} s; report: {res.run_dir / 'report.md'}")
     return 0
 

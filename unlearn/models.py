@@ -45,7 +45,7 @@ def _saved_modality(where: Path) -> str | None:
             kind = json.loads((where / WRAPPER_FILE).read_text()).get("kind")
         except (OSError, ValueError, AttributeError):
             return None  # load_wrapped names the problem
-        return EDITORS.get(kind).modality if kind in EDITORS else None
+        return EDITORS.get(kind).modalities[0] if kind in EDITORS else None
     found = [m for m, marker in _MARKERS.items() if (where / marker).is_file()]
     return found[0] if len(found) == 1 else None
 

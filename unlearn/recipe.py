@@ -20,57 +20,35 @@ from typing import Any, Iterable, Literal
 import yaml
 
 from unlearn.config import RecipeError, apply_overrides, from_dict, invalid, key_path, suggest, to_dict
+from unlearn.editors import EDITORS
+from unlearn.evaluators.attacks import ATTACK_SETS, attack_names
+from unlearn.evaluators.attacks import ATTACKS as ATTACK_REGISTRY
+from unlearn.objectives import OBJECTIVES
+from unlearn.probes import PROBES as PROBE_REGISTRY
+from unlearn.task import TEXT_SPEC_DEFAULTS
+from unlearn.tasks.registry import TASKS
+from unlearn.tasks.tofu_task import EVAL_SPLITS
+from unlearn.tasks.visual_world import ATTRIBUTES, VisualWorldConfig
 
 __all__ = [
     "ATTACKS", "EVAL_SPLITS", "PROBES", "EvalSpec", "MethodSpec", "ModelSpec", "OutputSpec", "Recipe", "RecipeError",
     "SelectionSpec", "TaskSpec", "TrainSpec", "WorldSpec", "load_recipe", "resolve_method",
 ]
 
-# Evaluation splits a task provides (TOFU's sets; ``retain_eval`` plays retain_perturbed's role).
-EVAL_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts", "holdout")
-# Splits model utility is computed from (all three are needed).
-UTILITY_EVAL_SPLITS = ("retain_eval", "real_authors", "world_facts")
-# Attacks on the unlearned model (``unlearn.evaluators.attacks``), for ``eval.attacks``.
-ATTACKS = ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_reverse", "jailbreak_mc",
-           "in_context", "relearn", "quantize_8bit", "quantize_4bit")
-# Named attack sets, usable as one entry of ``eval.attacks`` (expanded in place); versioned:
-# a set's content only changes with a new name.
-ATTACK_SUITES = {"robustness": ATTACKS}  # robustness (v1): every attack with its default settings
-# Attacks on an erased text-to-image model (``unlearn.evaluators.image_attacks``), task visual.
-IMAGE_ATTACKS = ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit")
 # Probes run on the target and on the unlearned model (``unlearn.probes``), for ``eval.probes``.
-PROBES = ("concept_vectors", "linear_probe", "causal_tracing", "expert_attribution")
-SELECT_BEST = ("last", "forget_quality", "model_utility", "fq_mu_mean")
-TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
-# The visual (image) task: forget / retain training sets and I2P-style evaluation splits.
-VISUAL_FORGET_SPLITS = ("forget", "forget_explicit", "forget_implicit")
-VISUAL_EVAL_SPLITS = ("forget_explicit", "forget_implicit", "retain")
+PROBES = tuple(PROBE_REGISTRY.names())
+# Attacks on text models (``unlearn.evaluators.attacks``), for ``eval.attacks`` of a text task.
+ATTACKS = attack_names("text")
 # Named parameter groups of the image adapter, for selection ``group``.
 IMAGE_PARAMETER_GROUPS = ("cross_attention_kv", "cross_attention", "non_cross_attention", "self_attention",
                           "time_embedding", "unet", "text_encoder")
-_TEXT_DEFAULTS = {"forget_split": "forget10", "retain_split": "retain90", "retain_model": "zoo:tiny-llama/retain90",
-                  "eval_splits": ["forget", "retain_eval", "real_authors", "world_facts"]}
-_VISUAL_DEFAULTS = {"forget_split": "forget", "retain_split": "retain", "retain_model": None,
-                    "eval_splits": list(VISUAL_EVAL_SPLITS)}
 
 _ZOO = re.compile(r"^zoo:[^/\s]+/[^/\s]+$")
-_PCT_SPLIT = re.compile(r"^(forget|retain)(\d+)$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str) -> Any:
     return field(default=default, default_factory=factory, metadata={"help": help})
-
-
-def _complement(split: str) -> str | None:
-    """``forget10`` -> ``retain90`` (and back); ``None`` for names without a percentage."""
-    m = _PCT_SPLIT.match(split)
-    if not m:
-        return None
-    if int(m.group(2)) > 100:
-        return None
-    other = "retain" if m.group(1) == "forget" else "forget"
-    return f"{other}{100 - int(m.group(2)):02d}"
 
 
 def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
@@ -139,8 +117,6 @@ class VisualSpec:
     guidance: float = _opt(3.0, help="classifier-free guidance scale of every prompt-table row")
 
     def __post_init__(self) -> None:
-        from unlearn.tasks.visual_world import ATTRIBUTES
-
         if self.seed < 0:
             raise invalid("seed", f"must be >= 0, got {self.seed}")
         for key in ("erase", "guide"):
@@ -159,9 +135,7 @@ class VisualSpec:
                 raise invalid("guide", f"{g!r} for erase {e!r}: the guide must be another value of the same attribute")
         _positive(self, "prompts_per_combination", "guidance")
 
-    def world_config(self):
-        from unlearn.tasks.visual_world import VisualWorldConfig
-
+    def world_config(self) -> VisualWorldConfig:
         return VisualWorldConfig(seed=self.seed, erase=tuple(self.erase), guide=tuple(self.guide),
                                  prompts_per_combination=self.prompts_per_combination, guidance=self.guidance)
 
@@ -170,89 +144,34 @@ class VisualSpec:
 class TaskSpec:
     """What to forget, what to keep, what to evaluate on, and how items become text (or images)."""
 
-    name: Literal["tofu", "tofu_files", "visual"] = _opt(
-        "tofu", help="tofu: generated world; tofu_files: TOFU-layout files under path; visual: the I2P-style visual "
-                     "world (text-to-image models; forget_split, retain_split, retain_model and eval_splits then "
-                     "default to forget, retain, null and forget_explicit/forget_implicit/retain)")
+    name: str = _opt(
+        "tofu", help="the benchmark (unlearn.tasks.registry): tofu: generated world; tofu_files: TOFU-layout files "
+                     "under path; visual: the I2P-style visual world (text-to-image models; forget_split, "
+                     "retain_split, retain_model and eval_splits then default to forget, retain, null and "
+                     "forget_explicit/forget_implicit/retain)")
     world: WorldSpec = _opt(factory=WorldSpec, help="the generated world (task tofu)")
     visual: VisualSpec = _opt(factory=VisualSpec, help="the generated visual world (task visual)")
     path: str | None = _opt(None, help="directory of TOFU-layout files (required for tofu_files, forbidden for tofu)")
-    forget_split: str = _opt("forget10", help="the forget set")
-    retain_split: str | None = _opt("retain90", help="the retain set; null for retain-free methods")
-    retain_model: str | None = _opt("zoo:tiny-llama/retain90", help="model never trained on the forget set (forget quality); null to skip")
-    eval_splits: list[str] = _opt(
-        factory=lambda: ["forget", "retain_eval", "real_authors", "world_facts"], help="evaluation splits"
-    )
+    forget_split: str = _opt(TEXT_SPEC_DEFAULTS["forget_split"], help="the forget set")
+    retain_split: str | None = _opt(TEXT_SPEC_DEFAULTS["retain_split"], help="the retain set; null for retain-free methods")
+    retain_model: str | None = _opt(TEXT_SPEC_DEFAULTS["retain_model"],
+                                    help="model never trained on the forget set (forget quality); null to skip")
+    eval_splits: list[str] = _opt(factory=lambda: list(TEXT_SPEC_DEFAULTS["eval_splits"]), help="evaluation splits")
     tokenization: Literal["split", "reference"] = _opt("split", help="split: prompt and answer tokenised apart; reference: open-unlearning's")
     prompt_template: str = _opt("Question: {question}\nAnswer:", help="prompt built from an item; must use {question}")
 
     def __post_init__(self) -> None:
-        if self.name == "visual":
-            self._check_visual()
-            return
-        if self.name == "tofu" and self.path is not None:
-            raise invalid("path", f"must not be set for task 'tofu' (its world is generated from {key_path('world')}); "
-                                  "use name 'tofu_files' to read files")
-        if self.name == "tofu_files" and not (self.path or "").strip():
-            raise invalid("path", "is required for task 'tofu_files': the directory holding the TOFU-layout files")
-        if not self.forget_split.strip():
-            raise invalid("forget_split", "is empty; name the forget set, e.g. forget10")
-        if self.name == "tofu" and self.forget_split not in TOFU_FORGET_SPLITS:
-            raise invalid("forget_split", f"must be one of {', '.join(TOFU_FORGET_SPLITS)} for task 'tofu', "
-                                          f"got {self.forget_split!r}" + suggest(self.forget_split, TOFU_FORGET_SPLITS))
-        if self.retain_split is not None:
-            if not self.retain_split.strip():
-                raise invalid("retain_split", "is empty; name the retain set (e.g. retain90) or write null")
-            want = _complement(self.forget_split)
-            if (self.name == "tofu" or _PCT_SPLIT.match(self.retain_split)) and want and self.retain_split != want:
-                raise invalid("retain_split", f"is {self.retain_split!r} but {key_path('forget_split')} is "
-                                              f"{self.forget_split!r}: the retain set must be its complement, {want!r}")
-        if self.retain_model is not None:
-            if not self.retain_model.strip():
-                raise invalid("retain_model", "is empty; name the retain model or write null")
-            m = re.match(r"^zoo:.*/(retain\d+)$", self.retain_model)
-            want = _complement(self.forget_split)
-            if m and want and m.group(1) != want:
-                raise invalid("retain_model", f"is {self.retain_model!r}, trained without the authors of "
-                                              f"{_complement(m.group(1))}, but {key_path('forget_split')} is "
-                                              f"{self.forget_split!r}; use {self.retain_model[: m.start(1)] + want!r}")
-        seen = set()
-        for i, split in enumerate(self.eval_splits):
-            if split not in EVAL_SPLITS:
-                raise invalid(f"eval_splits[{i}]", f"is {split!r}; allowed: {', '.join(EVAL_SPLITS)}" + suggest(split, EVAL_SPLITS))
-            if split in seen:
-                raise invalid(f"eval_splits[{i}]", f"repeats {split!r}")
-            seen.add(split)
-        try:
-            self.prompt_template.format(question="?")
-        except (KeyError, IndexError, ValueError) as e:
-            raise invalid("prompt_template", f"must be a format string using only {{question}}; "
-                                             f"formatting it failed with {type(e).__name__}: {e}") from None
-        if "{question}" not in self.prompt_template:
-            raise invalid("prompt_template", f"must contain {{question}}, got {self.prompt_template!r}")
+        if self.name not in TASKS:
+            raise invalid("name", f"is {self.name!r}, not a known task; allowed: {', '.join(TASKS.names())}"
+                          + suggest(self.name, TASKS.names()))
+        task = TASKS.get(self.name)
+        task.apply_spec_defaults(self)
+        task.check_spec(self)
 
-    def _check_visual(self) -> None:
-        # the text defaults become the visual ones (a recipe for the visual task need not repeat them)
-        for k, text_default in _TEXT_DEFAULTS.items():
-            if getattr(self, k) == text_default:
-                setattr(self, k, _VISUAL_DEFAULTS[k])
-        if self.path is not None:
-            raise invalid("path", "must not be set for task 'visual' (its world is generated from task.visual)")
-        if self.forget_split not in VISUAL_FORGET_SPLITS:
-            raise invalid("forget_split", f"must be one of {', '.join(VISUAL_FORGET_SPLITS)} for task 'visual', got "
-                                          f"{self.forget_split!r}" + suggest(self.forget_split, VISUAL_FORGET_SPLITS))
-        if self.retain_split not in (None, "retain"):
-            raise invalid("retain_split", f"must be 'retain' or null for task 'visual', got {self.retain_split!r}")
-        if self.retain_model is not None:
-            raise invalid("retain_model", "must be null for task 'visual' (image metrics need no retain model)")
-        if not self.eval_splits:
-            raise invalid("eval_splits", f"is empty; use some of {', '.join(VISUAL_EVAL_SPLITS)}")
-        for i, split in enumerate(self.eval_splits):
-            if split not in VISUAL_EVAL_SPLITS:
-                raise invalid(f"eval_splits[{i}]", f"is {split!r}; allowed for task 'visual': "
-                                                   f"{', '.join(VISUAL_EVAL_SPLITS)}" + suggest(split, VISUAL_EVAL_SPLITS))
-        if len(set(self.eval_splits)) != len(self.eval_splits):
-            raise invalid("eval_splits", f"repeats a split: {self.eval_splits}")
+    @property
+    def task_class(self):
+        """The :class:`~unlearn.task.Task` class of ``name``."""
+        return TASKS.get(self.name)
 
 
 @dataclass
@@ -365,14 +284,16 @@ class TrainSpec:
     warmup_ratio: float = _opt(0.0, help="fraction of steps of linear warm-up, in [0, 1)")
     max_grad_norm: float | None = _opt(1.0, help="gradient clipping norm; null disables")
     save_checkpoint: bool = _opt(True, help="save the unlearned weights in the run directory")
-    eval_every: int | None = _opt(None, help="evaluate (tofu suite, eval_max_items items per split) every N optimizer steps "
-                                             "during training; null: not by steps")
+    eval_every: int | None = _opt(None, help="evaluate (the task's suite on eval_max_items items per split) every N "
+                                             "optimizer steps during training; null: not by steps")
     eval_every_epoch: bool = _opt(False, help="evaluate during training at the end of every epoch")
-    select_best: Literal["last", "forget_quality", "model_utility", "fq_mu_mean"] = _opt(
-        "last", help="which evaluated training state to keep: last, or the best by forget quality, model utility "
-                     "or their mean (needs eval_every or eval_every_epoch)")
-    utility_floor: float | None = _opt(None, help="stop training early when model utility falls below this fraction "
-                                                  "of the target's, in (0, 1]; null: never")
+    select_best: str = _opt(
+        "last", help="which evaluated training state to keep: last, or the best by a criterion of the task (tofu: "
+                     "forget_quality, model_utility, fq_mu_mean; visual: erasure_rate, retain_accuracy, "
+                     "erasure_retain_mean); needs eval_every or eval_every_epoch")
+    utility_floor: float | None = _opt(None, help="stop training early when the task's utility number (tofu: model "
+                                                  "utility; visual: retain accuracy) falls below this fraction of "
+                                                  "the target's, in (0, 1]; null: never")
     eval_max_items: int | None = _opt(100, help="items per split for the evaluations during training; null: all")
 
     @property
@@ -402,7 +323,7 @@ class TrainSpec:
 class EvalSpec:
     """The evaluation suite run after unlearning."""
 
-    suite: Literal["tofu", "tofu-full", "i2p"] = _opt(
+    suite: str = _opt(
         "tofu", help="metric suite: tofu, or tofu-full (tofu + MIA/privleak; needs the holdout split); i2p for task "
                      "visual (erasure rate, retain accuracy, FID-like, alignment; the default there)")
     judge: str = _opt("zoo:tiny-t2i/judge", help="task visual: the image judge (zoo name or directory of an ImageJudge)")
@@ -425,20 +346,16 @@ class EvalSpec:
             raise invalid("judge", "is empty; give zoo:tiny-t2i/judge or a directory holding judge.json")
         if self.n_samples < 0:
             raise invalid("n_samples", f"must be >= 0, got {self.n_samples}")
-        expanded: list[str] = []
-        for name in self.attacks:
-            expanded += list(ATTACK_SUITES[name]) if name in ATTACK_SUITES else [name]
-        self.attacks = expanded
-        _check_named_list(self.attacks, self.attack_params, "attacks", "attack",
-                          tuple(dict.fromkeys(ATTACKS + IMAGE_ATTACKS)), ATTACK_SUITES)
         _check_named_list(self.probes, self.probe_params, "probes", "probe", PROBES)
 
 
 def _check_named_list(names: list[str], params: dict, key: str, kind: str, known: tuple[str, ...],
                       sets: dict | None = None) -> None:
-    """Check ``eval.<key>`` (known names, no repeats) and ``eval.<key minus s>_params`` (only names
-    listed in ``eval.<key>``); ``sets`` are named groups already expanded in ``names``."""
+    """Check ``<key>`` (known names, no repeats) and ``<kind>_params`` beside it (only names listed
+    in ``<key>``); ``sets`` are named groups already expanded in ``names``. ``key`` is relative to
+    the section being built (``probes`` inside EvalSpec, ``eval.attacks`` from Recipe)."""
     sets = sets or {}
+    params_key = key.rsplit(".", 1)[0] + f".{kind}_params" if "." in key else f"{kind}_params"
     choices = [*known, *sets]
     what = f"a known {kind}" + (f" or {kind} set" if sets else "")
     seen: set[str] = set()
@@ -451,10 +368,10 @@ def _check_named_list(names: list[str], params: dict, key: str, kind: str, known
         seen.add(name)
     for name in params:
         if name not in known:
-            raise invalid(f"{kind}_params.{name}", f"is not a known {kind}; allowed: {', '.join(known)}"
+            raise invalid(f"{params_key}.{name}", f"is not a known {kind}; allowed: {', '.join(known)}"
                           + suggest(name, known))
         if name not in seen:
-            raise invalid(f"{kind}_params.{name}", f"sets parameters of {name!r}, which is not in "
+            raise invalid(f"{params_key}.{name}", f"sets parameters of {name!r}, which is not in "
                                                    f"{key_path(key)}; add it there or remove these parameters")
 
 
@@ -489,63 +406,27 @@ class Recipe:
             raise invalid("name", f"is {self.name!r}; use letters, digits, '.', '_' or '-' (it names the run directory)")
         if self.seed < 0:
             raise invalid("seed", f"must be >= 0, got {self.seed}")
-        if self.task.name == "visual":
-            self._check_visual()
-        elif self.eval.suite == "i2p":
-            raise RecipeError(f"recipe key 'eval.suite' is 'i2p', an image suite, but task.name is "
-                              f"{self.task.name!r}; use tofu or tofu-full, or task.name visual")
-        if self.eval.suite == "tofu-full" and "holdout" not in self.task.eval_splits:
-            raise RecipeError("recipe key 'task.eval_splits' must include 'holdout' when eval.suite is 'tofu-full' "
-                              "(MIA compares the forget set with the holdout set)")
-        tr = self.train
-        if tr.select_best in ("forget_quality", "fq_mu_mean"):
-            if self.task.retain_model is None:
-                raise RecipeError(f"recipe key 'train.select_best' is {tr.select_best!r}, which needs forget quality, "
-                                  "but task.retain_model is null; name a retain model or choose model_utility/last")
-            if "forget" not in self.task.eval_splits:
-                raise RecipeError(f"recipe key 'train.select_best' is {tr.select_best!r}, which needs forget quality, "
-                                  "but task.eval_splits lacks 'forget'")
-        needs_mu = [k for k, on in (("train.select_best", tr.select_best in ("model_utility", "fq_mu_mean")),
-                                    ("train.utility_floor", tr.utility_floor is not None)) if on]
-        missing = [s for s in UTILITY_EVAL_SPLITS if s not in self.task.eval_splits]
-        if needs_mu and missing:
-            raise RecipeError(f"recipe key '{needs_mu[0]}' needs model utility, which is computed from "
-                              f"{', '.join(UTILITY_EVAL_SPLITS)}, but task.eval_splits lacks {', '.join(missing)}")
-        if "linear_probe" in self.eval.probes and self.task.retain_split is None:
-            raise RecipeError("recipe key 'eval.probes' includes linear_probe, which trains on the retain authors, "
-                              "but task.retain_split is null; name a retain split or remove linear_probe")
-        text_attacks = self.eval.attacks if self.task.name != "visual" else []
-        for i, name in enumerate(text_attacks):
-            if name not in ATTACKS:
-                raise RecipeError(f"recipe key 'eval.attacks[{i}]' is {name!r}, an attack on text-to-image models, but "
-                                  f"task.name is {self.task.name!r}; text attacks: {', '.join(ATTACKS)}")
-        if text_attacks and "forget" not in self.task.eval_splits:
-            raise RecipeError("recipe key 'eval.attacks' runs attacks over the forget split, but task.eval_splits "
-                              "lacks 'forget'")
+        task = self.task.task_class
+        task.apply_recipe_defaults(self)
+        self._check_attacks(task.modality)
+        task.check_recipe(self)
 
-    def _check_visual(self) -> None:
-        if self.eval.suite == "tofu":  # the default suite of the text tasks
-            self.eval.suite = "i2p"
-        if self.eval.suite != "i2p":
-            raise RecipeError(f"recipe key 'eval.suite' is {self.eval.suite!r}, a text suite, but task.name is 'visual'; "
-                              "use i2p")
-        if self.model.source == "zoo:tiny-llama/target":  # the text default
-            self.model.source = "zoo:tiny-t2i/target"
-        if self.eval.probes:
-            raise RecipeError("recipe key 'eval.probes' is set, but task 'visual' has no probes yet; remove it")
-        for i, name in enumerate(self.eval.attacks):
-            if name not in IMAGE_ATTACKS:
-                raise RecipeError(f"recipe key 'eval.attacks[{i}]' is {name!r}, a text attack, but task.name is "
-                                  f"'visual'; image attacks: {', '.join(IMAGE_ATTACKS)}")
-        if self.eval.attacks and not any(s in self.task.eval_splits for s in ("forget_explicit", "forget_implicit")):
-            raise RecipeError("recipe key 'eval.attacks' scores the forget splits, but task.eval_splits has neither "
-                              "forget_explicit nor forget_implicit")
-        if self.train.evaluates_during_training:
-            raise RecipeError("recipe keys 'train.eval_every' / 'train.eval_every_epoch' are for the text tasks; task "
-                              "'visual' evaluates after unlearning only: remove them")
-        if self.method.params.get("retain_loss") == "kl":
-            raise RecipeError("recipe key 'method.params.retain_loss' is 'kl', which needs token logits; task 'visual' "
-                              "supports retain_loss nll")
+    def _check_attacks(self, modality: str) -> None:
+        """Expand attack sets (``robustness``) for the task's modality, then check every name,
+        and that each attack works on that modality."""
+        ev = self.eval
+        sets = {name: members[modality] for name, members in ATTACK_SETS.items() if modality in members}
+        expanded: list[str] = []
+        for name in ev.attacks:
+            expanded += list(sets[name]) if name in sets else [name]
+        ev.attacks = expanded
+        known = attack_names(modality)
+        for i, name in enumerate(ev.attacks):
+            if name in ATTACK_REGISTRY and name not in known:
+                mods = "/".join(ATTACK_REGISTRY.get(name).modalities)
+                raise RecipeError(f"recipe key 'eval.attacks[{i}]' is {name!r}, an attack on {mods} models, but task "
+                                  f"{self.task.name!r} is {'an' if modality[0] in 'aeiou' else 'a'} {modality} task; attacks for it: {', '.join(known)}")
+        _check_named_list(ev.attacks, ev.attack_params, "eval.attacks", "attack", tuple(known), sets)
 
     @property
     def output_dir(self) -> Path:
@@ -559,17 +440,18 @@ class Recipe:
 
 # -- loading ----------------------------------------------------------------------------------
 def _objectives():
-    """The objective registry (imported lazily; tests replace this function)."""
-    from unlearn.objectives import OBJECTIVES
-
+    """The objective registry (tests replace this function)."""
     return OBJECTIVES
 
 
 def _editors():
-    """The editor registry (imported lazily)."""
-    from unlearn.editors import EDITORS
-
+    """The editor registry."""
     return EDITORS
+
+
+def method_modalities(method_cls) -> tuple[str, ...]:
+    """The modalities an objective or editor works on (its ``modalities`` class attribute)."""
+    return tuple(getattr(method_cls, "modalities", ("text",)))
 
 
 def resolve_method(recipe: Recipe) -> tuple[type, Any]:
@@ -586,7 +468,7 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
     """
     registry, editors = _objectives(), _editors()
     name = recipe.method.name
-    modality = "image" if recipe.task.name == "visual" else "text"
+    modality = recipe.task.task_class.modality
     if name in registry:
         method_cls = registry.get(name)
     elif name in editors:
@@ -598,12 +480,11 @@ def resolve_method(recipe: Recipe) -> tuple[type, Any]:
         names = sorted(registry.names() + editors.names())
         raise RecipeError(f"recipe key 'method.name' is {name!r}, which is not a known objective or editor; "
                           f"allowed: {', '.join(names)}" + suggest(name, names))
-    supported = getattr(method_cls, "modalities", None) or (getattr(method_cls, "modality", "text"),)
+    supported = method_modalities(method_cls)
     if modality not in supported:
-        fits = sorted(n for reg in (registry, editors) for n in reg.names()
-                      if modality in (getattr(reg.get(n), "modalities", None) or (getattr(reg.get(n), "modality", "text"),)))
+        fits = sorted(n for reg in (registry, editors) for n in reg.names() if modality in method_modalities(reg.get(n)))
         raise RecipeError(f"recipe key 'method.name' is {name!r}, a method for {'/'.join(supported)} models, but task "
-                          f"{recipe.task.name!r} is a {modality} task; methods for it: {', '.join(fits)}")
+                          f"{recipe.task.name!r} is {'an' if modality[0] in 'aeiou' else 'a'} {modality} task; methods for it: {', '.join(fits)}")
     config = from_dict(method_cls.Config, recipe.method.params, "method.params")
     sel = recipe.method.selection
     if sel.name == "group" and modality != "image":

@@ -72,14 +72,14 @@ class Editor:
         name: registry name used in recipes (``method.name``).
         Config: the config dataclass; recipe ``method.params`` are validated against it.
         paper: citation shown in docs and reports.
-        modality: ``"text"`` or ``"image"``: the models it edits (and, for a wrapper, the
-            modality of the adapter it returns).
+        modalities: the model kinds it edits, ``("text",)`` or ``("image",)`` (a wrapper returns
+            an adapter of the same modality); the same attribute as objectives'.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = EditorConfig
     paper: ClassVar[str] = ""
-    modality: ClassVar[str] = "text"
+    modalities: ClassVar[tuple[str, ...]] = ("text",)
 
     def __init__(self, config: EditorConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

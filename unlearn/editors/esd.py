@@ -176,7 +176,7 @@ class ESD(Editor):
     name = "esd"
     Config = ESDConfig
     paper = PAPER
-    modality = "image"
+    modalities = ("image",)
 
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
         from diffusers import DDIMScheduler

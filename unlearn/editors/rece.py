@@ -264,7 +264,7 @@ class RECE(Editor):
     name = "rece"
     Config = RECEConfig
     paper = PAPER
-    modality = "image"
+    modalities = ("image",)
 
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
         c: RECEConfig = self.config

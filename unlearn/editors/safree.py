@@ -401,7 +401,7 @@ class SAFREE(Editor):
     name = "safree"
     Config = SAFREEConfig
     paper = PAPER
-    modality = "image"
+    modalities = ("image",)
 
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
         import time

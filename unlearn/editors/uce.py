@@ -236,7 +236,7 @@ class UCE(Editor):
     name = "uce"
     Config = UCEConfig
     paper = PAPER
-    modality = "image"
+    modalities = ("image",)
 
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
         import time

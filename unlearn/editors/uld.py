@@ -207,7 +207,6 @@ class ULDAssistantLoss(Objective):
     name = "uld_assistant"
     Config = ULDConfig
     paper = PAPER
-    text_only = True
 
     def needs_retain(self) -> bool:
         return self.config.retain_weight > 0

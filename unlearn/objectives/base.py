@@ -25,7 +25,6 @@ class Objective:
         name: registry name used in recipes (``method.name``).
         Config: the config dataclass; recipe ``method.params`` are validated against it.
         paper: citation shown in docs and reports.
-        text_only: True if the loss needs token-level logits (KL, DPO on tokens, ...).
         modalities: the model kinds the loss works on; ``("text", "image")`` for losses built only
             on the adapter's per-item ``item_nll`` (the image adapter's denoising loss).
     """
@@ -33,7 +32,6 @@ class Objective:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = ObjectiveConfig
     paper: ClassVar[str] = ""
-    text_only: ClassVar[bool] = False
     modalities: ClassVar[tuple[str, ...]] = ("text",)
 
     def __init__(self, config: ObjectiveConfig | None = None) -> None:

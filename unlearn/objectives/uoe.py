@@ -106,7 +106,6 @@ class UOE(Objective):
     Config = UOEConfig
     paper = ("Zhuang et al., 2025, UOE: Unlearning One Expert Is Enough for Mixture-of-experts LLMs "
              "(arXiv:2411.18797)")
-    text_only = True
 
     def __init__(self, config: UOEConfig | None = None) -> None:
         super().__init__(config)
