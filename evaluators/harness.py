@@ -26,8 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from unlearn.evaluators.base import MetricResult, MetricSpec
@@ -52,191 +50,17 @@ class PassRequest:
     def run(self, adapter, items: list[dict], batch_size: int) -> Any:
         raise NotImplementedError
 
+    def joint_key(self) -> tuple | None:
+        """Requests (of different groups) with the same non-None joint key may be computed
+        together by :meth:`run_joint` -- e.g. teacher-forced passes over several answers to one
+        question, sharing the question's forward pass. ``None``: always run alone."""
+        return None
 
-TF_OUTPUTS = frozenset({"nll", "token_logprobs", "vocab_stats", "memorization"})
-
-
-@dataclass(frozen=True)
-class TeacherForced(PassRequest):
-    """Teacher-forced scores of ``item[answer_key]`` (``[answer_index]`` for lists) given the
-    question. ``outputs`` selects what to keep from the one forward pass:
-
-    * ``nll``: ``{"nll": (N,), "n": (N,)}`` summed answer NLL and answer token count;
-    * ``token_logprobs``: ``{"token_logprobs": [array (n_i,)]}`` log p of each answer token;
-    * ``vocab_stats``: ``{"mu": [(n_i,)], "sigma": [(n_i,)]}`` Min-K%++ statistics;
-    * ``memorization``: ``{"exact_memorization": [...], "extraction_strength": [...]}``.
-    """
-
-    answer_key: str = "answer"
-    answer_index: int | None = None
-    question_key: str = "question"
-    outputs: frozenset = frozenset({"nll"})
-
-    def group(self):
-        return ("teacher_forced", self.answer_key, self.answer_index, self.question_key)
-
-    def merge(self, other):
-        return TeacherForced(self.answer_key, self.answer_index, self.question_key, self.outputs | other.outputs)
-
-    @torch.no_grad()
-    def run(self, adapter, items, batch_size):
-        acc = _TFAccumulator(self.outputs)
-        for s in range(0, len(items), batch_size):
-            b = adapter.collate(items[s: s + batch_size], answer_key=self.answer_key,
-                                answer_index=self.answer_index, question_key=self.question_key)
-            logits = adapter.logits(b)  # (B, T, V)
-            acc.add(adapter, logits, b["labels"])
-        return acc.result()
-
-
-class _TFAccumulator:
-    """Collects the outputs of a teacher-forced pass batch by batch from (logits, labels)."""
-
-    def __init__(self, outputs: frozenset) -> None:
-        self.outputs = outputs
-        self.out: dict[str, list] = {k: [] for k in ("nll", "n", "token_logprobs", "mu", "sigma",
-                                                     "exact_memorization", "extraction_strength")}
-
-    def add(self, adapter, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        from unlearn.evaluators import privacy as P
-        from unlearn.evaluators import tofu as M
-
-        out = self.out
-        lg, lb, mask = adapter.shift(logits, labels)  # (B, T-1, V), (B, T-1), (B, T-1)
-        logp_all = torch.log_softmax(lg.float(), -1)  # (B, T-1, V)
-        tok_lp = logp_all.gather(-1, lb.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask  # (B, T-1)
-        out["nll"] += (-tok_lp.sum(-1)).tolist()
-        out["n"] += mask.sum(-1).tolist()
-        if "token_logprobs" in self.outputs or "vocab_stats" in self.outputs:
-            for i in range(lg.shape[0]):
-                m = mask[i]
-                out["token_logprobs"].append(tok_lp[i][m].double().numpy())
-                if "vocab_stats" in self.outputs:
-                    mu, sigma = P.vocab_stats(lg[i][m])
-                    out["mu"].append(np.asarray(mu))
-                    out["sigma"].append(np.asarray(sigma))
-        if "memorization" in self.outputs:
-            out["exact_memorization"] += M.exact_memorization(logits, labels).per_item
-            out["extraction_strength"] += M.extraction_strength(logits, labels).per_item
-
-    def result(self) -> dict[str, Any]:
-        res = {"nll": np.asarray(self.out["nll"]), "n": np.asarray(self.out["n"])}
-        for k in ("token_logprobs", "mu", "sigma", "exact_memorization", "extraction_strength"):
-            if self.out[k]:
-                res[k] = self.out[k]
-        return res
-
-
-@torch.no_grad()
-def run_shared_prefix(adapter, items: list[dict], requests: list[TeacherForced], batch_size: int) -> list[dict]:
-    """Run several teacher-forced requests that share the question in one pass per batch:
-    the prompt is encoded once (KV cache), then each answer variant continues from it.
-
-    Only for adapters with ``tokenization == "split"`` (prompt tokens are then a prefix of the
-    full sequence); the values equal the plain pass up to float rounding. Returns one result
-    per request, in order.
-    """
-    from transformers import DynamicCache
-
-    accs = [_TFAccumulator(r.outputs) for r in requests]
-    tok = adapter.tokenizer
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    model = adapter.model
-    dev = adapter.device
-    qk = requests[0].question_key
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers renamed past_key_values -> cache (the old name warns until its removal)
-    ckw = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-    for s in range(0, len(items), batch_size):
-        chunk = items[s: s + batch_size]
-        prompts = [tok(adapter.prompt(it[qk]), add_special_tokens=True)["input_ids"] for it in chunk]
-        B, Tp = len(chunk), max(len(p) for p in prompts)
-        p_ids = torch.full((B, Tp), pad, dtype=torch.long)
-        p_mask = torch.zeros((B, Tp), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column Tp-1
-            p_ids[i, Tp - len(p):] = torch.tensor(p)
-            p_mask[i, Tp - len(p):] = 1
-        p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)  # (B, Tp)
-        cache = DynamicCache()
-        out = model(input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), position_ids=p_pos.to(dev),
-                    use_cache=True, **{ckw: cache})
-        last = out.logits[:, -1:, :]  # (B, 1, V) predicts the first answer token
-        p_len = p_mask.sum(-1)  # (B,)
-        for req, acc in zip(requests, accs):
-            answers = []
-            for it in chunk:
-                a = it[req.answer_key]
-                if req.answer_index is not None:
-                    a = a[req.answer_index]
-                answers.append(tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [eos])
-            Ta = max(len(a) for a in answers)
-            a_ids = torch.full((B, Ta), pad, dtype=torch.long)
-            a_mask = torch.zeros((B, Ta), dtype=torch.long)
-            for i, a in enumerate(answers):
-                a_ids[i, : len(a)] = torch.tensor(a)
-                a_mask[i, : len(a)] = 1
-            a_pos = p_len.unsqueeze(1) + torch.arange(Ta).unsqueeze(0)  # (B, Ta)
-            o = model(input_ids=a_ids.to(dev), attention_mask=torch.cat([p_mask, a_mask], 1).to(dev),
-                      position_ids=a_pos.to(dev), use_cache=True, **{ckw: cache})
-            cache.crop(-Ta)  # back to the prompt
-            # logits[:, t] predicts labels[:, t+1]: position 0 (last prompt token) predicts answer 0
-            logits = torch.cat([last, o.logits], 1)  # (B, Ta+1, V)
-            labels = torch.full((B, Ta + 1), -100, dtype=torch.long)
-            labels[:, 1:] = torch.where(a_mask.bool(), a_ids, torch.full_like(a_ids, -100))
-            acc.add(adapter, logits, labels)
-    return [a.result() for a in accs]
-
-
-@dataclass(frozen=True)
-class Generate(PassRequest):
-    """Greedy answers to ``item[question_key]``: ``list[str]``."""
-
-    max_new_tokens: int = 48
-    question_key: str = "question"
-
-    def group(self):
-        return ("generate", self.question_key)
-
-    def merge(self, other):
-        return Generate(max(self.max_new_tokens, other.max_new_tokens), self.question_key)
-
-    def run(self, adapter, items, batch_size):
-        return adapter.generate([it[self.question_key] for it in items], max_new_tokens=self.max_new_tokens,
-                                batch_size=batch_size)
-
-
-@dataclass(frozen=True)
-class GradNorms(PassRequest):
-    """Per item, the mean over parameter tensors of the L2 norm of the gradient of the answer
-    NLL (mean over answer tokens): ``np.ndarray (N,)``. One backward pass per item."""
-
-    def group(self):
-        return ("grad_norms",)
-
-    def run(self, adapter, items, batch_size):
-        model = adapter.model
-        was_training = model.training
-        model.train()  # as the reference does
-        params = [p for p in model.parameters()]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        norms = []
-        try:
-            for i in range(len(items)):
-                b = adapter.collate(items[i: i + 1])
-                nll, n = adapter.item_nll(b)
-                loss = nll.sum() / n.sum().clamp_min(1)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                gn = [g.norm(2).item() for g in grads if g is not None]
-                norms.append(float(np.mean(gn)))
-        finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
-            model.train(was_training)
-        return np.asarray(norms)
+    @classmethod
+    def run_joint(cls, adapter, items: list[dict], requests: list["PassRequest"], batch_size: int) -> list | None:
+        """The results of ``requests`` (same joint key), in order, from one joint computation;
+        ``None`` when this adapter cannot (each request then runs alone)."""
+        return None
 
 
 class PassStore:
@@ -252,27 +76,29 @@ class PassStore:
         g = req.group()
         self.planned[g] = self.planned[g].merge(req) if g in self.planned else req
 
-    def _shared_prefix(self, req: PassRequest) -> bool:
-        """Run every planned teacher-forced request with this question at once, prompt shared."""
-        if not isinstance(req, TeacherForced) or getattr(self.adapter, "tokenization", None) != "split" \
-                or not getattr(self.adapter, "supports_shared_prefix", False):
+    def _joint(self, req: PassRequest) -> bool:
+        """Run every planned request sharing ``req``'s joint key at once (see ``joint_key``)."""
+        key = req.joint_key()
+        if key is None:
             return False
-        todo = [r for g, r in self.planned.items() if isinstance(r, TeacherForced)
-                and r.question_key == req.question_key and g not in self.results]
+        todo = [r for g, r in self.planned.items() if r.joint_key() == key and g not in self.results]
         if req.group() not in self.planned:
             todo.append(req)
         todo = [r.merge(req) if r.group() == req.group() else r for r in todo]
         if len(todo) < 2:
             return False
         t0 = time.time()
-        for r, out in zip(todo, run_shared_prefix(self.adapter, self.items, todo, self.batch_size)):
+        outs = type(req).run_joint(self.adapter, self.items, todo, self.batch_size)
+        if outs is None:
+            return False
+        for r, out in zip(todo, outs):
             self.results[r.group()] = out
-        self.seconds[f"shared_prefix:{req.question_key}:{len(todo)}"] = round(time.time() - t0, 3)
+        self.seconds[f"joint:{':'.join(map(str, key))}:{len(todo)}"] = round(time.time() - t0, 3)
         return True
 
     def get(self, req: PassRequest) -> Any:
         g = req.group()
-        if g not in self.results and self._shared_prefix(req):
+        if g not in self.results and self._joint(req):
             return self.results[g]
         if g not in self.results:
             todo = self.planned.get(g)
@@ -356,13 +182,16 @@ class Aggregate:
 
 
 # ============================================================================== suites
-def split_kind(name: str) -> str:
+def split_kind(name: str, overrides: dict[str, str] | None = None) -> str:
+    """The kind of a split, which decides the metrics that run on it: ``overrides[name]`` (a
+    suite's own split kinds), else ``forget`` for ``forget*``, ``holdout`` for ``holdout*``,
+    ``retain`` for anything else."""
+    if overrides and name in overrides:
+        return overrides[name]
     if name.startswith("forget"):
         return "forget"
     if name.startswith("holdout"):
         return "holdout"
-    if name in ("real_authors", "world_facts"):
-        return "mc"
     return "retain"
 
 
@@ -377,6 +206,7 @@ class Suite:
     multi: list[MultiSplitMetric] = field(default_factory=list)
     aggregates: list[Aggregate] = field(default_factory=list)
     description: str = ""
+    split_kinds: dict[str, str] = field(default_factory=dict)  # split name -> kind, beyond the defaults
 
 
 def evaluate(adapter, splits: dict[str, list[dict]], suite: Suite, *, batch_size: int = 32,
@@ -395,7 +225,7 @@ def evaluate(adapter, splits: dict[str, list[dict]], suite: Suite, *, batch_size
     stores: dict[str, PassStore] = {}
     infos: dict[str, SplitInfo] = {}
     for name, items in splits.items():
-        info = SplitInfo(name, split_kind(name), items)
+        info = SplitInfo(name, split_kind(name, suite.split_kinds), items)
         infos[name] = info
         store = PassStore(adapter, items, batch_size)
         active = [m for m in suite.metrics if info.kind in m.kinds

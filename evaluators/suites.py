@@ -15,12 +15,14 @@ import numpy as np
 
 from unlearn.evaluators import privacy as P
 from unlearn.evaluators import tofu as M
-from unlearn.evaluators.base import MetricResult, MetricSpec
-from unlearn.evaluators.harness import (Aggregate, Generate, Metric, MultiSplitMetric, PassStore, SplitInfo, Suite,
-                                        TeacherForced)
+from unlearn.evaluators.base import MetricResult
+from unlearn.evaluators.harness import Aggregate, Metric, MultiSplitMetric, PassStore, SplitInfo, Suite
+from unlearn.evaluators.text_passes import Generate, GradNorms, TeacherForced
 from unlearn.registry import Registry
 
 UTILITY_SPLITS = {"retain": "retain_eval", "real_authors": "real_authors", "world_facts": "world_facts"}
+# TOFU's multiple-choice-style utility sets (truth ratio as TOFU computes it on them)
+TOFU_SPLIT_KINDS = {"real_authors": "mc", "world_facts": "mc"}
 
 
 def _n_perturbed(items: list[dict]) -> int:
@@ -177,15 +179,11 @@ class MIA(MultiSplitMetric):
 
     def requests(self, split):
         if self.attack == "gradnorm":
-            from unlearn.evaluators.harness import GradNorms
-
             return [GradNorms()]
         return [_MIA_TF]
 
     def scores(self, store: PassStore, info: SplitInfo) -> np.ndarray:
         if self.attack == "gradnorm":
-            from unlearn.evaluators.harness import GradNorms
-
             return P.gradnorm_score(store.get(GradNorms()))
         r = store.get(_MIA_TF)
         lp = r["token_logprobs"]
@@ -246,18 +244,20 @@ class PrivLeak(Aggregate):
 def tofu_suite(max_new_tokens: int = 48) -> Suite:
     return Suite("tofu", "1", [Prob(), TruthRatio(), RougeL(max_new_tokens), ExactMemorization(), ExtractionStrength()],
                  aggregates=[ForgetQuality(), ModelUtility()],
-                 description="TOFU's metrics (Maini et al., 2024) as open-unlearning computes them")
+                 description="TOFU's metrics (Maini et al., 2024) as open-unlearning computes them",
+                 split_kinds=dict(TOFU_SPLIT_KINDS))
 
 
 def mia_suite(max_new_tokens: int = 48) -> Suite:
     return Suite("mia", "1", [], multi=[MIA(a) for a in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm")],
-                 aggregates=[MIAReference(), PrivLeak()], description="membership inference on forget vs holdout")
+                 aggregates=[MIAReference(), PrivLeak()], description="membership inference on forget vs holdout",
+                 split_kinds=dict(TOFU_SPLIT_KINDS))
 
 
 def tofu_full_suite(max_new_tokens: int = 48) -> Suite:
     t, m = tofu_suite(max_new_tokens), mia_suite(max_new_tokens)
     return Suite("tofu-full", "1", t.metrics, multi=m.multi, aggregates=t.aggregates + m.aggregates,
-                 description="tofu + mia")
+                 description="tofu + mia", split_kinds=dict(TOFU_SPLIT_KINDS))
 
 
 SUITES = Registry("suite")

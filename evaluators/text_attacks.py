@@ -33,7 +33,8 @@ from unlearn.evaluators import harness
 from unlearn.evaluators import tofu as M
 from unlearn.evaluators.attack_base import Attack, AttackConfig, Attacked, AttackInputs
 from unlearn.evaluators.base import MetricResult
-from unlearn.evaluators.harness import Metric, Suite, TeacherForced
+from unlearn.evaluators.harness import Metric, Suite
+from unlearn.evaluators.text_passes import TeacherForced
 from unlearn.evaluators.suites import Prob, get_suite
 
 METRICS = ("prob", "rouge", "truth_ratio")

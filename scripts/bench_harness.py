@@ -26,7 +26,7 @@ def standalone(adapter, splits, suite, batch_size):
     res = {"splits": {}, "suite": suite.name}
     n_passes = 0
     for name, items in splits.items():
-        info = SplitInfo(name, harness.split_kind(name), items)
+        info = SplitInfo(name, harness.split_kind(name, suite.split_kinds), items)
         out = {"metrics": {}}
         for m in suite.metrics:
             if info.kind not in m.kinds:
@@ -46,7 +46,7 @@ def standalone(adapter, splits, suite, batch_size):
     tr.extras(st, fs)
     n_passes += st.n_passes
     for split in UTILITY_SPLITS.values():
-        info = SplitInfo(split, harness.split_kind(split), splits[split])
+        info = SplitInfo(split, harness.split_kind(split, suite.split_kinds), splits[split])
         for m in (Prob(), RougeL(), TruthRatio()):
             st = PassStore(adapter, splits[split], batch_size)
             m.compute(st, info)

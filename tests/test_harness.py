@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unlearn.evaluators import harness
+from unlearn.evaluators import harness, text_passes
+from unlearn.evaluators.suites import TOFU_SPLIT_KINDS
 from unlearn.evaluators.suites import get_suite
 from unlearn.tasks.tofu_world import WorldConfig, build_world
 
@@ -20,7 +21,7 @@ def splits():
 def _by_hand(adapter, items, kind):
     """The TOFU metrics of one split from plain (unshared) passes and the metric functions."""
     from unlearn.evaluators import tofu as M
-    from unlearn.evaluators.harness import TeacherForced
+    from unlearn.evaluators.text_passes import TeacherForced
 
     tf = lambda key, j=None: TeacherForced(key, j).run(adapter, items, batch_size=7)  # noqa: E731
     a = tf("answer")
@@ -42,7 +43,7 @@ def test_tofu_suite_equals_per_metric_computation_and_runs_each_pass_once(tiny_a
     for name, items in splits.items():
         if name == "holdout":
             continue
-        ref = _by_hand(tiny_adapter, items, harness.split_kind(name))
+        ref = _by_hand(tiny_adapter, items, harness.split_kind(name, TOFU_SPLIT_KINDS))
         for m, v in ref.items():
             assert res["splits"][name]["metrics"][m]["value"] == pytest.approx(v.value, rel=1e-5, abs=1e-7), (name, m)
         assert res["splits"][name]["truth_ratio_raw"] == pytest.approx(ref["truth_ratio"].per_item, rel=1e-5)
@@ -90,12 +91,12 @@ def test_unknown_suite_suggests():
 
 
 def test_shared_prefix_pass_matches_plain_pass(tiny_adapter, splits):
-    from unlearn.evaluators.harness import TeacherForced
+    from unlearn.evaluators.text_passes import TeacherForced
 
     items = splits["forget"]
     reqs = [TeacherForced("answer", outputs=frozenset({"nll", "token_logprobs", "memorization"})),
             TeacherForced("paraphrased_answer"), TeacherForced("perturbed_answer", 2)]
-    shared = harness.run_shared_prefix(tiny_adapter, items, reqs, batch_size=5)
+    shared = text_passes.run_shared_prefix(tiny_adapter, items, reqs, batch_size=5)
     for r, got in zip(reqs, shared):
         plain = r.run(tiny_adapter, items, batch_size=7)
         assert got["nll"] == pytest.approx(plain["nll"], rel=1e-5)
@@ -103,7 +104,7 @@ def test_shared_prefix_pass_matches_plain_pass(tiny_adapter, splits):
     assert shared[0]["exact_memorization"] == pytest.approx(reqs[0].run(tiny_adapter, items, 4)["exact_memorization"])
     # the harness takes the shared path for a plain TextAdapter in split mode ...
     res = harness.evaluate(tiny_adapter, {"forget": items}, get_suite("tofu", max_new_tokens=4), progress=False)
-    assert any(k.startswith("shared_prefix") for k in res["passes"]["forget"]["seconds"])
+    assert any(k.startswith("joint:shared_prefix") for k in res["passes"]["forget"]["seconds"])
     # ... and never for a subclass that changes the logits
     from unlearn.adapters.text import TextAdapter
 
@@ -114,6 +115,6 @@ def test_shared_prefix_pass_matches_plain_pass(tiny_adapter, splits):
     sh = Shifted(tiny_adapter.model, tiny_adapter.tokenizer)
     assert not sh.supports_shared_prefix
     res2 = harness.evaluate(sh, {"forget": items}, get_suite("tofu", max_new_tokens=4), progress=False)
-    assert not any(k.startswith("shared_prefix") for k in res2["passes"]["forget"]["seconds"])
+    assert not any(k.startswith("joint:shared_prefix") for k in res2["passes"]["forget"]["seconds"])
     assert res2["splits"]["forget"]["metrics"]["prob"]["value"] != pytest.approx(
         res["splits"]["forget"]["metrics"]["prob"]["value"])

@@ -20,7 +20,7 @@ def data():
 
 
 def _forget_prob(ad, items):
-    from unlearn.evaluators.harness import TeacherForced
+    from unlearn.evaluators.text_passes import TeacherForced
 
     r = TeacherForced("answer").run(ad, items, batch_size=64)
     return M.prob(r["nll"], r["n"]).value

@@ -20,8 +20,9 @@ from unlearn.cli import main as cli_main
 from unlearn.config import RecipeError
 from unlearn.data import UnlearningData
 from unlearn.evaluators.base import MetricResult, MetricSpec
-from unlearn.evaluators.harness import Metric, Suite, TeacherForced
+from unlearn.evaluators.harness import Metric, Suite
 from unlearn.evaluators.harness import evaluate as harness_evaluate
+from unlearn.evaluators.text_passes import TeacherForced
 from unlearn.models import load_model
 from unlearn.recipe import load_recipe
 from unlearn.task import Task

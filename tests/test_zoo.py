@@ -68,7 +68,7 @@ def test_rebuild_reproduces_the_shipped_models(tmp_path):
 
 
 def test_tiny_moe_is_shipped_and_knows_forget10_better_than_its_retain_model(world):
-    from unlearn.evaluators.harness import TeacherForced
+    from unlearn.evaluators.text_passes import TeacherForced
 
     man = zoo.manifest("tiny-moe")
     assert man is not None and man["world_fingerprint"] == world.fingerprint()
