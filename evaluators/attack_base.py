@@ -23,10 +23,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from unlearn.adapters.base import MODALITIES
 from unlearn.config import from_dict
 from unlearn.registry import did_you_mean
-
-MODALITIES = ("text", "image")
 
 
 @dataclass

@@ -62,6 +62,7 @@ class TofuTask(Task):
     select_best = SELECT_BEST
     headline = (("forget_quality", "forget quality (↑)"), ("model_utility", "model utility (↑)"),
                 ("forget_prob", "forget Prob (↓)"), ("forget_rouge", "forget ROUGE-L (↓)"))
+    forget_key = ("forget_prob", False)
     curve = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
              ("utility_ratio", "utility / target"), ("forget_prob", "forget Prob"), ("forget_rouge", "forget ROUGE"),
              ("retain_prob", "retain Prob"))

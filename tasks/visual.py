@@ -121,6 +121,7 @@ class VisualTask(Task):
     headline = (("erasure_explicit", "erasure rate, explicit prompts (↑)"), ("erasure_implicit", "erasure rate, implicit (↑)"),
                 ("retain_in_domain", "retain acc. in-domain (↑)"), ("retain_cross_domain", "retain acc. cross-domain (↑)"),
                 ("alignment", "alignment (↑)"), ("fid_like", "FID-like (↓)"))
+    forget_key = ("erasure_explicit", True)
     curve = (("erasure_explicit", "erasure explicit"), ("erasure_implicit", "erasure implicit"),
              ("retain_in_domain", "retain in-domain"), ("utility_ratio", "retain / target"),
              ("retain_cross_domain", "retain cross-domain"))

@@ -19,7 +19,7 @@ def test_every_recipe_loads():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_runs_and_forget_prob_drops(path, tmp_path):
+def test_recipe_runs_and_forgetting_moves(path, tmp_path):
     from unlearn import zoo
 
     recipe = unlearn.load_recipe(path)
@@ -29,5 +29,6 @@ def test_recipe_runs_and_forget_prob_drops(path, tmp_path):
     res = unlearn.run(path, overrides=[f"output.dir={tmp_path / 'run'}", "eval.max_items=40", "train.max_steps=10"],
                       progress=False)
     s = res.summary
-    assert s["unlearned"]["forget_prob"] < s["target"]["forget_prob"]
+    # the task's forgetting number (forget Prob falls on text tasks, erasure rises on the visual one)
+    assert res.task.forgetting(s["unlearned"]) > res.task.forgetting(s["target"]), res.task.forget_key
     assert (res.run_dir / "report.md").exists()

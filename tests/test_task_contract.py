@@ -61,6 +61,7 @@ class ToyTask(Task):
     suites: ClassVar = ("toy",)
     select_best: ClassVar = ("retain_accuracy",)
     headline: ClassVar = (("forget_accuracy", "forget label accuracy (↓)"), ("retain_accuracy", "retain label accuracy (↑)"))
+    forget_key: ClassVar = ("forget_accuracy", False)
     curve: ClassVar = (("forget_accuracy", "forget acc."), ("retain_accuracy", "retain acc."))
     curve_suite = "toy"
     curve_plots: ClassVar = (("retain_accuracy", "retain accuracy", False),)

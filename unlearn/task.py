@@ -51,6 +51,8 @@ class Task(ABC):
         select_best: the ``train.select_best`` criteria it can score (``"last"`` is always allowed).
         headline: ``(summary key, column label)`` pairs: the numbers the CLI prints and the
             report's headline table shows, per model (``target``, ``unlearned``, ``retain``).
+        forget_key: ``(headline key, higher means more forgotten)``: the one number that says
+            how much was forgotten (what tests and comparisons move in the right direction).
         curve: ``(point key, column label)`` pairs of the training-time evaluation table.
         curve_suite: the suite the training-time evaluation runs.
         curve_plots: ``(point key, panel title, log scale)`` of the training-time evaluation plot.
@@ -64,6 +66,7 @@ class Task(ABC):
     suites: ClassVar[tuple[str, ...]] = ()
     select_best: ClassVar[tuple[str, ...]] = ("last",)
     headline: ClassVar[tuple[tuple[str, str], ...]] = ()
+    forget_key: ClassVar[tuple[str, bool]] = ("", True)
     curve: ClassVar[tuple[tuple[str, str], ...]] = ()
     curve_suite: ClassVar[str] = ""
     curve_plots: ClassVar[tuple[tuple[str, str, bool], ...]] = ()
@@ -149,6 +152,13 @@ class Task(ABC):
     def summarize(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``{model name: {headline key: value}}`` from the results of every evaluated model
         (the task may add aggregates to each result under ``"summary"``)."""
+
+    @classmethod
+    def forgetting(cls, row: dict[str, Any]) -> float | None:
+        """The ``forget_key`` number of a summary row, signed so that higher = more forgotten."""
+        key, higher = cls.forget_key
+        v = row.get(key)
+        return None if v is None else (v if higher else -v)
 
     def summary_note(self) -> str | None:
         """A sentence for ``summary["note"]`` (e.g. why a number is not computable)."""
