@@ -154,6 +154,7 @@ class FIDLike(_ImageMetric):
         self.reference_features = reference_features
 
     def compute(self, store, split):
+        # lazy: image_judge imports torch, which this module does not otherwise import
         from unlearn.evaluators.image_judge import frechet_distance
 
         feats = store.get(self.req)["features"]
@@ -178,6 +179,7 @@ def reference_renders(world, rows: list[dict]) -> list[dict]:
     """Held-out renders of the (shape, colour, texture) combinations that ``rows`` ask for (the
     FID-like reference set)."""
     combos = {(r["shape"], r["colour"], r["texture"]) for r in rows}
+    # lazy: image_judge imports torch, which this module does not otherwise import
     from unlearn.evaluators.image_judge import unique_renders
 
     return [it for it in unique_renders(world.split("holdout")) if (it["shape"], it["colour"], it["texture"]) in combos]

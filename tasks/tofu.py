@@ -7,6 +7,7 @@ from typing import Any
 
 from unlearn.data import UnlearningData
 from unlearn.tasks.refusals import REFUSALS
+from unlearn.tasks.tofu_files import load_tofu_dir
 from unlearn.tasks.tofu_world import WorldConfig, build_world
 
 FORGET_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -41,8 +42,6 @@ def load_tofu(*, name: str = "tofu", world: WorldConfig | None = None, path: str
         raise ValueError(f"task.retain_split {retain_split!r} does not match task.forget_split {forget_split!r}; "
                          f"use {FORGET_RETAIN[forget_split]!r} (the complement) or null")
     if name == "tofu_files":
-        from unlearn.tasks.tofu_files import load_tofu_dir
-
         if not path:
             raise ValueError("task.path is required for task 'tofu_files' (a directory of TOFU json/jsonl/parquet files)")
         data = load_tofu_dir(path, forget_split=forget_split, retain_split=retain_split, eval_splits=tuple(eval_splits))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unlearn.data import UnlearningData
-from unlearn.tasks.visual_world import VisualWorld, VisualWorldConfig, build_visual_world
+from unlearn.tasks.visual_world import ATTRIBUTES, VisualWorld, VisualWorldConfig, build_visual_world
 
 VISUAL_FORGET_SPLITS = ("forget", "forget_explicit", "forget_implicit")
 VISUAL_EVAL_SPLITS = ("forget_explicit", "forget_implicit", "retain")
@@ -55,8 +55,6 @@ class VisualData(UnlearningData):
 
     def preserve_words(self) -> list[str]:
         """Every attribute value of the world except the erase concepts' (UCE's preserve set)."""
-        from unlearn.tasks.visual_world import ATTRIBUTES
-
         erased = {concept_value(c) for c in self.erase}
         return [v for vals in ATTRIBUTES.values() for v in vals if v not in erased]
 

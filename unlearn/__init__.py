@@ -8,6 +8,7 @@ def run(recipe, overrides=(), **kwargs):
 
     Same as ``unlearn run RECIPE --set key=value ...`` on the command line.
     """
+    # lazy: keeps `import unlearn` free of torch/transformers (the runner imports them)
     from unlearn.runner import run as _run
 
     return _run(recipe, overrides=overrides, **kwargs)
@@ -15,6 +16,7 @@ def run(recipe, overrides=(), **kwargs):
 
 def load_recipe(src, overrides=()):
     """Load and validate a recipe; see :func:`unlearn.recipe.load_recipe`."""
+    # lazy: keeps `import unlearn` free of torch/transformers (the recipe module imports them)
     from unlearn.recipe import load_recipe as _load
 
     return _load(src, overrides)

@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 
+import unlearn
+from unlearn import zoo
+
 
 def _run(args) -> int:
-    import unlearn
-
     res = unlearn.run(args.recipe, overrides=args.set or [], progress=not args.quiet)
     s = res.summary
     print(f"run written to {res.run_dir}")
@@ -20,8 +21,6 @@ def _run(args) -> int:
 
 
 def _zoo(args) -> int:
-    from unlearn import zoo
-
     if args.zoo_cmd == "list":
         found = zoo.available()
         for fam, info in zoo.FAMILIES.items():
@@ -36,6 +35,7 @@ def _zoo(args) -> int:
 
     out = args.out or str(zoo.cache_dir() / "zoo" / args.family)
     if args.family == "tiny-t2i":
+        # lazy: the zoo builders load only for `zoo build`, not for --help, `run` or `zoo list`
         from unlearn.zoo.build_t2i import build_t2i_zoo
 
         m = build_t2i_zoo(out)
@@ -43,6 +43,7 @@ def _zoo(args) -> int:
         return 0
     torch.set_num_threads(args.threads)
     if args.family == "tiny-reader":
+        # lazy: the zoo builders load only for `zoo build`, not for --help, `run` or `zoo list`
         from unlearn.zoo.build_reader import build_reader_model, build_reader_zoo, write_reader_manifest
 
         if args.part == "all":
@@ -55,6 +56,7 @@ def _zoo(args) -> int:
             return 0
         print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
         return 0
+    # lazy: the zoo builders load only for `zoo build`, not for --help, `run` or `zoo list`
     from unlearn.zoo.build import build_family, build_part, spec_for, write_manifest
 
     if args.part == "all":

@@ -61,6 +61,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from unlearn.models import load_model
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -116,8 +118,6 @@ class UnlearnLM(LM):
             raise ValueError("UnlearnLM needs exactly one of `adapter` (an object) or `source` "
                              "(e.g. source=zoo:tiny-llama/target or a saved model directory)")
         if adapter is None:
-            from unlearn.models import load_model
-
             adapter = load_model(source, "text", dtype=dtype, tokenization=tokenization or "split")
             if device:
                 if str(device).startswith("cuda") and not torch.cuda.is_available():

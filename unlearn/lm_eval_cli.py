@@ -45,6 +45,7 @@ def _local_tasks_only() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's CLI (``lm_eval.__main__.cli_evaluate``) with ``unlearn`` registered."""
+    # lazy: the bridge imports lm-eval and torch; load them only when the CLI runs
     import unlearn.lm_eval_bridge  # noqa: F401  -- registers the "unlearn" model
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from unlearn.tasks.tofu_world import WorldConfig, build_world
+
 TASKS = ("unlearn_world_facts_mc", "unlearn_real_authors_mc", "unlearn_retain_qa")
 GROUP = "unlearn_utility"
 DEFAULT_PROMPT = "Question: {question}\nAnswer:"
@@ -102,8 +104,6 @@ def write_tasks(out_dir: str | Path, world=None, *, prompt_template: str = DEFAU
     if "{question}" not in prompt_template:
         raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
     if world is None:
-        from unlearn.tasks.tofu_world import WorldConfig, build_world
-
         world = build_world(WorldConfig())
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +217,7 @@ def run_lm_eval(adapter_or_lm, tasks=TASKS, limit: int | float | None = None, ba
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
 
+    # lazy: the bridge imports lm-eval and torch; writing the task YAMLs needs neither
     from unlearn.lm_eval_bridge import UnlearnLM
 
     if isinstance(tasks, str):

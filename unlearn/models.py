@@ -20,6 +20,10 @@ import json
 from pathlib import Path
 
 from unlearn.adapters.base import MODALITIES, WRAPPER_FILE, Adapter
+from unlearn.adapters.image import ImageAdapter
+from unlearn.adapters.text import TextAdapter
+from unlearn.editors import EDITORS, load_wrapped
+from unlearn.zoo import zoo_path
 
 # files that mark a saved plain model of each modality
 _MARKERS = {"text": "config.json", "image": "image_adapter.json"}
@@ -29,8 +33,6 @@ def _local_dir(source: str) -> Path | None:
     """The directory ``source`` names (a zoo name resolved), or None (a hub id or a missing path:
     the adapter's own ``load`` reports those)."""
     if source.startswith("zoo:"):
-        from unlearn.zoo import zoo_path
-
         return Path(zoo_path(source[4:]))
     p = Path(source).expanduser()
     return p if p.is_dir() else None
@@ -39,8 +41,6 @@ def _local_dir(source: str) -> Path | None:
 def _saved_modality(where: Path) -> str | None:
     """The modality of the model saved in ``where``, from its marker files (None: unknown)."""
     if (where / WRAPPER_FILE).is_file():
-        from unlearn.editors import EDITORS
-
         try:
             kind = json.loads((where / WRAPPER_FILE).read_text()).get("kind")
         except (OSError, ValueError, AttributeError):
@@ -85,19 +85,13 @@ def load_model(source: str, modality: str, **kwargs) -> Adapter:
             raise ValueError(f"model {source!r} is {_a(found)} model, but {_a(modality)} model was asked for; "
                              f"load it with modality={found!r} (or point at {_a(modality)} model)")
         if (where / WRAPPER_FILE).is_file():
-            from unlearn.editors import load_wrapped
-
             adapter = load_wrapped(where, **kwargs)
             if adapter.modality != modality:
                 raise ValueError(f"model {source!r} is a wrapped {adapter.modality} model, but {_a(modality)} model "
                                  f"was asked for; load it with modality={adapter.modality!r}")
             return adapter
     if modality == "text":
-        from unlearn.adapters.text import TextAdapter
-
         return TextAdapter.load(source, **kwargs)
-    from unlearn.adapters.image import ImageAdapter
-
     return ImageAdapter.load(source, **kwargs)
 
 

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from unlearn._version import __version__
+
 DONE_MARKER = "metrics.json"
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "diffusers", "lm_eval",
              "scikit-learn", "scipy", "rouge-score", "safetensors", "numpy")
@@ -79,8 +81,6 @@ def library_versions() -> dict[str, str | None]:
 
 
 def provenance(**extra: Any) -> dict[str, Any]:
-    from unlearn._version import __version__
-
     return {"unlearn_version": __version__, "git": git_commit(), "python": platform.python_version(),
             "platform": platform.platform(), "libraries": library_versions(), **extra}
 

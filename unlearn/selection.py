@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from unlearn.adapters.base import Adapter
+from unlearn.probes.expert_attribution import moe_blocks
 
 SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group")
 
@@ -135,8 +136,6 @@ class ExpertDelta(torch.nn.Module):
 
 def _apply_uoe(adapter, params: dict[str, Any], objective) -> SelectionInfo:
     from torch.nn.utils import parametrize
-
-    from unlearn.probes.expert_attribution import moe_blocks
 
     model = adapter.model
     blocks = moe_blocks(model)  # ValueError for a dense model

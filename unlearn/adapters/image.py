@@ -36,7 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unlearn.adapters import weights_fingerprint
 from unlearn.adapters.base import WRAPPER_FILE, ImageModel
+from unlearn.zoo import zoo_path
 
 ADAPTER_FILE = "image_adapter.json"
 
@@ -129,8 +131,6 @@ class ImageAdapter(ImageModel):
         if not isinstance(source, str) or not source:
             raise ValueError(f"model source must be a non-empty string, got {source!r}")
         if source.startswith("zoo:"):
-            from unlearn.zoo import zoo_path
-
             where = Path(zoo_path(source[4:]))
         else:
             where = Path(source).expanduser()
@@ -165,8 +165,6 @@ class ImageAdapter(ImageModel):
     def fingerprint(self, refresh: bool = False) -> str:
         """sha256 (16 hex) over parameter/buffer names and bytes of the UNet and text encoder."""
         if self._fingerprint is None or refresh:
-            from unlearn.adapters import weights_fingerprint
-
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 

@@ -35,7 +35,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from unlearn.adapters import weights_fingerprint
 from unlearn.adapters.base import IGNORE, WRAPPER_FILE, TextModel
+from unlearn.zoo import zoo_path
 
 Tokenization = Literal["split", "reference"]
 DEFAULT_PROMPT = "Question: {question}\nAnswer:"
@@ -57,8 +59,6 @@ def resolve_source(source: str) -> str:
     if not isinstance(source, str) or not source:
         raise ValueError(f"model source must be a non-empty string, got {source!r}")
     if source.startswith("zoo:"):
-        from unlearn.zoo import zoo_path
-
         return str(zoo_path(source[4:]))
     p = Path(source).expanduser()
     if p.is_dir():
@@ -151,8 +151,6 @@ class TextAdapter(TextModel):
     def fingerprint(self, refresh: bool = False) -> str:
         """sha256 (16 hex) over parameter names and bytes: identifies the exact weights."""
         if self._fingerprint is None or refresh:
-            from unlearn.adapters import weights_fingerprint
-
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 

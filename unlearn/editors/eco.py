@@ -60,6 +60,8 @@ import torch
 from unlearn.adapters.text import IGNORE, TextAdapter
 from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult
 from unlearn.editors.eco_classifier import CLASSIFIER_FILE, DEFAULT_ENCODER, PromptClassifier, fit_prompt_classifier
+from unlearn.evaluators import tofu as M
+from unlearn.registry import did_you_mean
 
 PAPER = ("Liu et al., 2024, Large Language Model Unlearning via Embedding-Corrupted Prompts "
          "(NeurIPS 2024, arXiv:2406.07933)")
@@ -169,8 +171,6 @@ class ECOConfig(EditorConfig):
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTIONS:
-            from unlearn.registry import did_you_mean
-
             raise ValueError(f"corruption {self.corruption!r} is unknown; allowed: {', '.join(CORRUPTIONS)}"
                              + did_you_mean(self.corruption, CORRUPTIONS))
         if not 0.0 <= self.target_fpr < 1.0:
@@ -571,8 +571,6 @@ def forget_metric(adapter: TextAdapter, items: list[dict], metric: str, batch_si
                   max_new_tokens: int = 48) -> float:
     """f: mean length-normalised answer Prob ``exp(-NLL/|a|)`` (``"prob"``) or mean ROUGE-L recall
     of greedy answers (``"rouge"``) of ``adapter`` on ``items``."""
-    from unlearn.evaluators import tofu as M
-
     if metric == "prob":
         nll, n = [], []
         for s in range(0, len(items), batch_size):

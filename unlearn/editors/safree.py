@@ -46,6 +46,8 @@ import torch
 
 from unlearn.adapters.image import ImageAdapter
 from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult
+from unlearn.tasks.visual_task import concept_value
+from unlearn.tasks.visual_world import _SYNONYMS
 
 PAPER = ("Yoon, Yu, Patil, Bansal, Chen (2024). SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image "
          "and Video Generation. arXiv:2410.12761")
@@ -379,9 +381,6 @@ def load_safree(path: str | Path, **kwargs) -> SAFREEAdapter:
 
 def default_keywords(data) -> list[str]:
     """Each erase concept's word followed by its synonyms in the visual world."""
-    from unlearn.tasks.visual_task import concept_value
-    from unlearn.tasks.visual_world import _SYNONYMS
-
     words = []
     for c in data.erase:
         v = concept_value(c)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.tasks.visual_task import concept_value
 
 PAPER = ("Gandikota, Orgad, Belinkov, Materzynska, Bau (2024). Unified Concept Editing in Diffusion Models. "
          "WACV 2024, arXiv:2308.14761")
@@ -223,8 +224,6 @@ def uce_erase(adapter, erase_prompts: list[str], guide_prompts: list[str], prese
 def concept_prompts(data) -> tuple[list[str], list[str], list[str]]:
     """``(erase, guide, preserve)`` prompts of a :class:`~unlearn.tasks.visual_task.VisualData`:
     the erase concepts' words, their guide concepts' words, every other attribute value."""
-    from unlearn.tasks.visual_task import concept_value
-
     return ([concept_value(c) for c in data.erase], [concept_value(c) for c in data.guide], data.preserve_words())
 
 

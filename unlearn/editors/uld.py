@@ -74,9 +74,10 @@ from typing import Any, Literal
 
 import torch
 
-from unlearn.adapters.text import TextAdapter
+from unlearn.adapters.text import _DTYPES, TextAdapter, _looks_like_path
 from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult
 from unlearn.objectives.base import Objective, mean_token_nll
+from unlearn.trainer import train
 
 PAPER = ("Ji et al., 2024, Reversing the Forget-Retain Objectives: An Efficient LLM Unlearning Framework from "
          "Logit Difference, NeurIPS 2024 (arXiv:2406.08607)")
@@ -560,8 +561,6 @@ def _reloadable(source: str) -> bool:
     p = Path(source).expanduser()
     if p.is_dir():
         return True
-    from unlearn.adapters.text import _looks_like_path
-
     return not _looks_like_path(source)  # a hub id
 
 
@@ -593,8 +592,6 @@ def load_uld(path: str | Path, *, dtype: str = "float32", **kwargs) -> ULDAdapte
                          f"{t['fingerprint']}: the target changed (e.g. a rebuilt zoo). Retrain the assistant, "
                          "or save with save_target: true to keep the target's weights with the ULD model")
     if dtype != saved_dtype:
-        from unlearn.adapters.text import _DTYPES
-
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         target.model.to(_DTYPES[dtype])
@@ -647,8 +644,6 @@ class ULD(Editor):
         return self.config.retain_weight > 0 and self.config.retain_items != 0
 
     def apply(self, adapter, data, ctx: EditContext) -> EditResult:
-        from unlearn.trainer import train
-
         c = self.config
         if isinstance(adapter, ULDAdapter) or type(adapter).logits is not TextAdapter.logits:
             raise ValueError(f"ULD needs a plain TextAdapter as its target, got {type(adapter).__name__}")

@@ -34,7 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from unlearn.data import UnlearningData
 from unlearn.objectives.base import Objective, ObjectiveConfig, mean_token_nll
+from unlearn.probes.base import decoder_layers
+from unlearn.probes.concept_vectors import (ConceptVectors, ConceptVectorsConfig, _down_proj, activation_specificity,
+                                            causal_check)
 
 
 @dataclass
@@ -79,8 +83,6 @@ class Needle(Objective):
 
     def probe(self):
         """The concept-vector probe configured like this objective."""
-        from unlearn.probes.concept_vectors import ConceptVectors, ConceptVectorsConfig
-
         c = self.config
         return ConceptVectors(ConceptVectorsConfig(
             layers=c.layers, top_k=c.top_k, min_matches=c.min_matches, max_token_share=c.max_token_share,
@@ -89,9 +91,6 @@ class Needle(Objective):
 
     def choose(self, adapter, forget_items: list[dict]) -> list:
         """The concept columns of the forget authors (``Candidate`` objects, see the module doc)."""
-        from unlearn.data import UnlearningData
-        from unlearn.probes.concept_vectors import activation_specificity, causal_check
-
         c = self.config
         probe = self.probe()
         cands, concepts, groups = probe.search(adapter, UnlearningData(forget=list(forget_items), name="needle"))
@@ -118,9 +117,6 @@ class Needle(Objective):
 
     def setup(self, adapter, reference, forget_items):
         """Choose the columns, then add ``N(0, noise_std^2)`` to each of them (once)."""
-        from unlearn.probes.base import decoder_layers
-        from unlearn.probes.concept_vectors import _down_proj
-
         model = adapter.model
         self.chosen = self.choose(adapter, forget_items)
         if not self.chosen:

@@ -35,7 +35,9 @@ from typing import Any, Literal
 
 import torch
 
+from unlearn.config import from_dict
 from unlearn.objectives.base import Objective, ObjectiveConfig
+from unlearn.probes.expert_attribution import moe_blocks, router_logits, token_mask, top_expert
 from unlearn.registry import Registry
 
 # The objectives a UOE may train on the expert (its ``base``). ``unlearn.objectives`` hands its
@@ -69,8 +71,6 @@ class UOEConfig(ObjectiveConfig):
         "help": "tokens used for the attribution and the anchor: all of question + answer, or the answer tokens"})
 
     def __post_init__(self) -> None:
-        from unlearn.config import from_dict
-
         OBJECTIVES = _base_objectives()
         if self.base == "uoe":
             raise ValueError("method.params.base cannot be 'uoe'; name the objective trained on the expert, e.g. grad_diff")
@@ -90,8 +90,6 @@ class UOEConfig(ObjectiveConfig):
 def anchor_loss(model, batch: dict[str, torch.Tensor], layer: int, expert: int, tokens: str = "all") -> torch.Tensor:
     """Router anchor ``mean_t || g^l(x_t) - onehot(e) ||^2`` over the read tokens of ``batch``
     (scalar, differentiable; 0 when the batch has no read token)."""
-    from unlearn.probes.expert_attribution import router_logits, token_mask
-
     lg = router_logits(model, batch["input_ids"], batch["attention_mask"], [layer])[layer]  # (B, T, E)
     g = torch.softmax(lg.float(), -1)[token_mask(batch, tokens).to(lg.device)]  # (N, E)
     if g.shape[0] == 0:
@@ -125,8 +123,6 @@ class UOE(Objective):
 
     def setup(self, adapter, reference, forget_items):
         """Set up the base objective; pick (layer, expert) by expert attribution unless given."""
-        from unlearn.probes.expert_attribution import moe_blocks, top_expert
-
         self.base.setup(adapter, reference, forget_items)
         blocks = moe_blocks(adapter.model)
         if self.target is None:

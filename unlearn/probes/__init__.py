@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from unlearn.config import from_dict
 from unlearn.probes.base import (Probe, ProbeConfig, ProbeResult, probe_after, probe_before, run_probes)
 from unlearn.probes.causal_tracing import CausalTracing
 from unlearn.probes.concept_vectors import ConceptVectors
@@ -27,8 +28,6 @@ def make_probe(name: str, params: dict[str, Any] | None = None, path: str | None
         ValueError (RecipeError): unknown probe (with a did-you-mean), unknown or mistyped
             parameter, naming the key ``path`` (default ``eval.probe_params.<name>``).
     """
-    from unlearn.config import from_dict
-
     cls = PROBES.get(name)
     return cls(from_dict(cls.Config, dict(params or {}), path or f"eval.probe_params.{name}"))
 

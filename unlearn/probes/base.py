@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from unlearn.config import to_dict
 from unlearn.evaluators.base import MetricResult, MetricSpec, _plain
 
 __all__ = ["Probe", "ProbeConfig", "ProbeResult", "run_probes", "probe_before", "probe_after", "decoder_layers",
@@ -117,8 +118,6 @@ class Probe:
 
     # -- helpers for subclasses -------------------------------------------------------------
     def _result(self, values=None, arrays=None, tensors=None, note: str = "") -> ProbeResult:
-        from unlearn.config import to_dict
-
         return ProbeResult(self.name, self.version, values or {}, arrays or {}, tensors or {},
                            to_dict(self.config), note=note)
 

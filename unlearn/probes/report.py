@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from unlearn.probes.causal_tracing import plot_heatmap
+
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -40,8 +42,6 @@ def probe_section(probes: dict[str, Any], run_dir: Path) -> list[str]:
                   f"({_fmt(v.get('n_concepts_validated'))} authors).", ""]
     ct = probes.get("causal_tracing")
     if ct and ct.get("before"):
-        from unlearn.probes.causal_tracing import plot_heatmap
-
         if plot_heatmap(run_dir / "causal_tracing.png", {"target": ct["before"], "unlearned": ct.get("after")}):
             lines += ["![causal tracing](causal_tracing.png)", ""]
     lp = probes.get("linear_probe")

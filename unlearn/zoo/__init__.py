@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from unlearn.registry import did_you_mean
+
 ASSETS = Path(__file__).parent / "assets"
 
 FAMILIES = {
@@ -69,8 +71,6 @@ def zoo_path(name: str) -> Path:
     fam, _, model = name.partition("/")
     if fam not in FAMILIES or model not in FAMILIES[fam]["models"]:
         known = [f"{f}/{m}" for f, i in FAMILIES.items() for m in i["models"]]
-        from unlearn.registry import did_you_mean
-
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)}" + did_you_mean(name, known))
     found = available()
     if name not in found:

@@ -34,7 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.adapters.text import TextAdapter
+from unlearn.probes.expert_attribution import moe_blocks
 from unlearn.tasks.tofu_world import World, WorldConfig, build_world, corpus
+from unlearn.zoo import zoo_path
 from unlearn.zoo.models import TinyLlamaSpec, TinyMoESpec, build_tiny_llama, build_tiny_moe, train_tokenizer
 
 
@@ -81,8 +83,6 @@ def spec_for(family: str) -> ZooBuildSpec:
 def _moe_aux(model):
     """For an MoE model: ``(captured router logits list, hook handles, num_experts, top_k, coef)``
     with hooks on every router; None for a dense model."""
-    from unlearn.probes.expert_attribution import moe_blocks
-
     try:
         blocks = moe_blocks(model)
     except ValueError:
@@ -180,8 +180,6 @@ def build_part(part: str, out_dir: str | Path, spec: ZooBuildSpec | None = None)
     models: dict = {}
     if part == "base" and isinstance(spec, MoEZooBuildSpec):
         from transformers import AutoTokenizer
-
-        from unlearn.zoo import zoo_path
 
         tok = AutoTokenizer.from_pretrained(zoo_path(spec.tokenizer_from))
         ad = TextAdapter(build_tiny_moe(spec.model, tok, spec.seed), tok, source="zoo-build")

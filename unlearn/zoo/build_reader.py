@@ -34,6 +34,8 @@ import torch
 
 from unlearn.adapters.text import TextAdapter
 from unlearn.tasks.tofu_world import World, WorldConfig, build_world, practice_author
+from unlearn.zoo import zoo_path
+from unlearn.zoo.build import _train, merge_part_records, new_manifest
 
 
 @dataclass
@@ -58,6 +60,7 @@ def reading_item(world: World, rng: random.Random, context_facts: tuple = (1, 4)
 
     Returns ``{"question": "Context: <facts>\\n<question>", "answer": <the asked fact>,
     "value": <its value>, "context": [facts], "plain_question": <question>}``."""
+    # lazy: the attack registry pulls transformers and every editor/objective into this module's import
     from unlearn.evaluators.attacks import context_prompt
 
     lo, hi = context_facts
@@ -96,6 +99,7 @@ def reading_report(adapter: TextAdapter, world: World, n: int = 200, seed: int =
     """Value accuracy of a model on ``n`` held-out reading items (fresh authors no build saw: a
     different seed), and on every 4th forget10 question (``n`` at most), bare and under the
     ``in_context`` attack (own fact + 2 other facts of its author, attack seed 0)."""
+    # lazy: the attack registry pulls transformers and every editor/objective into this module's import
     from unlearn.evaluators.attacks import InContext
 
     rng = random.Random(f"reader-eval-{seed}")
@@ -115,9 +119,6 @@ def build_reader_model(name: str, out_dir: str | Path, spec: ReaderBuildSpec | N
     """Continue ``<base_family>/<name>`` with the reading stage and save it to ``out_dir/<name>``;
     writes ``out_dir/part-<name>.json`` (models can be built in parallel, then merged by
     :func:`write_reader_manifest`)."""
-    from unlearn.zoo import zoo_path
-    from unlearn.zoo.build import _train
-
     spec = spec or ReaderBuildSpec()
     if name not in spec.models:
         raise ValueError(f"unknown tiny-reader model {name!r}; known: {', '.join(spec.models)}")
@@ -142,8 +143,6 @@ def build_reader_model(name: str, out_dir: str | Path, spec: ReaderBuildSpec | N
 
 def write_reader_manifest(out_dir: str | Path, spec: ReaderBuildSpec | None = None) -> dict:
     """Merge the per-model records into ``out_dir/manifest.json``."""
-    from unlearn.zoo.build import merge_part_records, new_manifest
-
     spec = spec or ReaderBuildSpec()
     out_dir = Path(out_dir)
     manifest = merge_part_records(out_dir, spec.models, new_manifest(spec, build_world(spec.world)),

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.adapters.image import ImageAdapter
+from unlearn.evaluators.image_judge import ImageJudge, JudgeConfig, judge_accuracy, train_judge
 from unlearn.tasks.visual_world import ATTRIBUTES, VisualWorld, VisualWorldConfig, build_visual_world
 from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
 
@@ -107,8 +108,6 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, cont
     are trained for ``spec.steps`` more steps (a new warm-up + cosine stage; the EMA restarts from
     those weights). The manifest records every stage.
     """
-    from unlearn.evaluators.image_judge import ImageJudge, JudgeConfig, judge_accuracy, train_judge
-
     spec = spec or T2IBuildSpec()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
