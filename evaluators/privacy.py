@@ -1,7 +1,8 @@
 """Membership-inference (MIA) scores, their AUC, and MUSE's privleak, as pure functions.
 
 The harness computes, once per split, per-item arrays (answer-token log-probabilities, the
-vocabulary statistics Min-K%++ needs, answer texts, gradient norms); the functions here turn
+vocabulary statistics Min-K%++ needs, the decoded labelled tokens, gradient norms); the
+functions here turn
 them into per-item attack scores and :class:`~unlearn.evaluators.base.MetricResult` objects.
 Formulas follow ``METHODS.md`` ("Membership inference (MIA) and privacy") and the reference
 code users compare numbers against, open-unlearning (``locuslab/open-unlearning``, read at
@@ -31,7 +32,18 @@ Min-K%++ and GradNorm from ``tokenwise_logprobs`` / ``tokenwise_vocab_logprobs``
 the **last** labelled token of each item ("ignore eos prediction"). The functions here all take
 the same per-item arrays over *every* labelled answer token; ``min_k_score`` and
 ``min_k_plus_plus_score`` drop the last token themselves under ``convention="reference"``
-(the default, as in :mod:`unlearn.evaluators.tofu`) and keep it under ``"exact"``.
+(the default, as in :mod:`unlearn.evaluators.tofu`) and keep it under ``"exact"``. The
+harness's gradient pass (``text_passes.GradNorms``) takes the same ``convention``, with the
+same default: its per-item loss is the mean NLL over every labelled token but the last. The
+default is ``"reference"`` under both tokenisations (``split`` and ``reference``, see
+:mod:`unlearn.adapters.text`): the convention is about which labelled tokens are scored, the
+tokenisation about which tokens are labelled.
+
+Which text (ZLib): the reference compresses ``extract_target_texts_from_processed_data``,
+the labelled tokens decoded with ``skip_special_tokens=True``. The harness passes exactly
+that under both tokenisations (``text_passes.labelled_texts``): under ``reference`` the first
+answer token is often masked and so absent from the text; under ``split`` the text is the
+answer tokenised as ``" " + answer.strip()`` and decoded (EOS dropped).
 
 Deviations from the reference are stated per function and in ``docs/privacy.md``.
 """
@@ -85,8 +97,8 @@ _AUC_DIRECTION = (
 )
 
 
-def _mia_spec(name: str, formula: str, paper: str) -> MetricSpec:
-    return MetricSpec(name, None, "1", description=formula + _AUC_DIRECTION, paper=paper)
+def _mia_spec(name: str, formula: str, paper: str, version: str = "1") -> MetricSpec:
+    return MetricSpec(name, None, version, description=formula + _AUC_DIRECTION, paper=paper)
 
 
 SPECS: dict[str, MetricSpec] = {
@@ -99,9 +111,11 @@ SPECS: dict[str, MetricSpec] = {
         ),
         _mia_spec(
             "mia_zlib",
-            "MIA AUC of the ZLib attack: per item (NLL/|a|) / len(zlib.compress(answer text, "
-            "UTF-8)).",
+            "MIA AUC of the ZLib attack: per item (NLL/|a|) / len(zlib.compress(text, UTF-8)), "
+            "text = the labelled answer tokens decoded without special tokens (the reference's "
+            "text).",
             CARLINI_PAPER,
+            version="2",  # 2: the text is the decoded labelled tokens (1: the raw answer string)
         ),
         _mia_spec(
             "mia_min_k",
@@ -124,8 +138,10 @@ SPECS: dict[str, MetricSpec] = {
         _mia_spec(
             "mia_gradnorm",
             "MIA AUC of the gradient-norm attack: per item mean over parameter tensors of the "
-            "L2 norm of the gradient of the item's mean NLL.",
+            "L2 norm of the gradient of the item's mean NLL over its answer tokens (reference "
+            "convention: last labelled token dropped).",
             GRADNORM_PAPER,
+            version="2",  # 2: the loss drops the last labelled token (1: every labelled token)
         ),
         MetricSpec(
             "privleak",
@@ -263,16 +279,19 @@ def zlib_score(token_logprobs: Sequence, texts: Sequence[str]) -> np.ndarray:
     """ZLib attack (Carlini et al. 2021): per item ``LOSS / len(zlib.compress(text))``.
 
     ``LOSS`` is :func:`loss_score` (mean NLL over every labelled answer token) and the zlib
-    length is that of the **answer** (target) text encoded as UTF-8, compressed with zlib's
-    default level, in bytes. In open-unlearning (``ZLIBAttack``) the text is
+    length is that of ``text`` encoded as UTF-8, compressed with zlib's default level, in
+    bytes. In open-unlearning (``ZLIBAttack``) the text is
     ``extract_target_texts_from_processed_data``: the labelled tokens decoded with
-    ``skip_special_tokens=True``, i.e. the answer without EOS (on MUSE, where nothing is
-    masked, the whole passage). Pass the answer decoded that way to match the reference to the
-    byte; the raw answer string can differ by tokenizer whitespace normalisation.
+    ``skip_special_tokens=True`` (EOS dropped; under its tokenisation the first answer token
+    is often masked and then missing; on MUSE, where nothing is masked, the whole passage).
+    The harness passes exactly those texts, under both tokenisations
+    (``text_passes.labelled_texts``; under ``split`` the labelled tokens are
+    ``" " + answer.strip()`` and EOS, so the text is the answer with the tokenizer's leading
+    space). This function compresses whatever it is given.
 
     Args:
         token_logprobs: N items of answer-token log-probs (as :func:`loss_score`).
-        texts: N answer strings.
+        texts: N strings, the decoded labelled tokens of each item.
 
     Returns:
         (N,) float64 array.
@@ -394,12 +413,15 @@ def reference_score(token_logprobs_target: Sequence, token_logprobs_ref: Sequenc
 def gradnorm_score(grad_norms: Sequence[float]) -> np.ndarray:
     """Gradient-norm attack: per item the gradient norm itself (validated passthrough).
 
-    The harness computes, for each item separately (batch size 1), the item loss ``L`` = mean
-    NLL over the answer tokens and then ``mean over parameter tensors W (those receiving a
+    The harness (``text_passes.GradNorms``) computes, for each item separately (batch size
+    1), the item loss ``L`` = mean NLL over the item's labelled answer tokens **except the
+    last** (``convention="reference"``, the default under both tokenisations; ``"exact"``
+    keeps every labelled token) and then ``mean over parameter tensors W (those receiving a
     gradient) of ||dL/dW||_2`` (norm of each tensor flattened; a mean of per-tensor norms, not
     the global norm). This is open-unlearning ``GradNormAttack`` with ``p = 2`` (the TOFU and
-    MUSE configs' value), whose loss comes from ``tokenwise_logprobs`` (last labelled token
-    dropped) and which runs the model in ``train()`` mode (dropout active, if any). A larger
+    MUSE configs' value), whose loss is ``-mean`` of ``tokenwise_logprobs`` (last labelled
+    token dropped, "ignore eos prediction") and which runs the model in ``train()`` mode
+    (dropout active, if any). A larger
     gradient = the item is further from a minimum = less member-like, so the norm is the score
     as is (the reference's docstring says "negative gradient norm" but it returns the norm).
 

@@ -2,9 +2,14 @@
 
 | suite | version | what |
 | --- | --- | --- |
-| ``tofu`` | 1 | Prob, truth ratio, ROUGE-L recall, exact memorisation, extraction strength per split; forget quality and model utility |
-| ``mia`` | 1 | MIA AUCs (LOSS, ZLib, Min-K%, Min-K%++, GradNorm, Reference) on forget vs holdout; privleak |
-| ``tofu-full`` | 1 | ``tofu`` + ``mia`` |
+| ``tofu`` | 2 | Prob, truth ratio, ROUGE-L recall, exact memorisation, extraction strength per split; forget quality and model utility |
+| ``mia`` | 2 | MIA AUCs (LOSS, ZLib, Min-K%, Min-K%++, GradNorm, Reference) on forget vs holdout; privleak |
+| ``tofu-full`` | 2 | ``tofu`` + ``mia`` |
+
+Version 2 (all three): the truth ratio no longer runs on ``holdout`` splits (they need only
+question and answer, as TOFU's holdout files; the holdout split serves MIA); ZLib compresses
+the decoded labelled tokens (open-unlearning's text) instead of the raw answer string; the
+GradNorm loss drops each item's last labelled token (the reference convention, as Min-K%).
 """
 
 from __future__ import annotations
@@ -64,9 +69,13 @@ def _renamed(r: MetricResult, name: str) -> MetricResult:
 
 
 class TruthRatio(Metric):
-    """Truth ratio: forget form mean min(R, 1/R); retain and mc form mean max(0, 1 - R)."""
+    """Truth ratio: forget form mean min(R, 1/R); retain and mc form mean max(0, 1 - R).
+
+    Not on ``holdout`` splits: their items need only question and answer (TOFU's holdout
+    files have no paraphrased or perturbed answers; the split serves MIA)."""
 
     spec = M.SPECS["truth_ratio"]
+    kinds = ("forget", "retain", "mc")
 
     def _para(self, split):
         return TeacherForced("answer" if split.kind == "mc" else "paraphrased_answer")
@@ -77,7 +86,7 @@ class TruthRatio(Metric):
     def _result(self, store, split):
         p = store.get(self._para(split))
         pn, pc = _pert_scores(store, split)
-        return M.truth_ratio(p["nll"], p["n"], pn, pc, mode="forget" if split.kind in ("forget", "holdout") else "true")
+        return M.truth_ratio(p["nll"], p["n"], pn, pc, mode="forget" if split.kind == "forget" else "true")
 
     def compute(self, store, split):
         return _renamed(self._result(store, split), "truth_ratio")
@@ -165,36 +174,43 @@ class ModelUtility(Aggregate):
 
 
 # ------------------------------------------------------------------------------ MIA
-_MIA_TF = TeacherForced("answer", outputs=frozenset({"nll", "token_logprobs", "vocab_stats"}))
+_MIA_TF = TeacherForced("answer", outputs=frozenset({"nll", "token_logprobs", "vocab_stats", "target_texts"}))
 
 
 class MIA(MultiSplitMetric):
     """AUC of one MIA score on forget (label 0) vs holdout (label 1); per_item = the scores of
-    the forget items followed by the holdout items."""
+    the forget items followed by the holdout items.
 
-    def __init__(self, attack: str, forget: str = "forget", holdout: str = "holdout", k: float = P.DEFAULT_K) -> None:
-        self.attack, self.k = attack, k
+    Per item, as open-unlearning: LOSS over every labelled answer token; ZLib divides it by the
+    zlib length of the labelled tokens decoded with ``skip_special_tokens=True``; Min-K%,
+    Min-K%++ and GradNorm drop each item's last labelled token under ``convention="reference"``
+    (default, in both tokenisations) and keep it under ``"exact"``.
+    """
+
+    def __init__(self, attack: str, forget: str = "forget", holdout: str = "holdout", k: float = P.DEFAULT_K,
+                 convention: M.Convention = "reference") -> None:
+        self.attack, self.k, self.convention = attack, k, convention
         self.splits = (forget, holdout)
         self.spec = P.SPECS[f"mia_{attack}"]
 
     def requests(self, split):
         if self.attack == "gradnorm":
-            return [GradNorms()]
+            return [GradNorms(self.convention)]
         return [_MIA_TF]
 
     def scores(self, store: PassStore, info: SplitInfo) -> np.ndarray:
         if self.attack == "gradnorm":
-            return P.gradnorm_score(store.get(GradNorms()))
+            return P.gradnorm_score(store.get(GradNorms(self.convention)))
         r = store.get(_MIA_TF)
         lp = r["token_logprobs"]
         if self.attack == "loss":
             return P.loss_score(lp)
         if self.attack == "zlib":
-            return P.zlib_score(lp, [it["answer"] for it in info.items])
+            return P.zlib_score(lp, r["target_texts"])
         if self.attack == "min_k":
-            return P.min_k_score(lp, self.k)
+            return P.min_k_score(lp, self.k, convention=self.convention)
         if self.attack == "min_k_plus_plus":
-            return P.min_k_plus_plus_score(lp, r["mu"], r["sigma"], self.k)
+            return P.min_k_plus_plus_score(lp, r["mu"], r["sigma"], self.k, convention=self.convention)
         raise ValueError(f"unknown MIA attack {self.attack!r}")
 
     def compute(self, stores, splits):
@@ -242,21 +258,21 @@ class PrivLeak(Aggregate):
 
 # ------------------------------------------------------------------------------ suites
 def tofu_suite(max_new_tokens: int = 48) -> Suite:
-    return Suite("tofu", "1", [Prob(), TruthRatio(), RougeL(max_new_tokens), ExactMemorization(), ExtractionStrength()],
+    return Suite("tofu", "2", [Prob(), TruthRatio(), RougeL(max_new_tokens), ExactMemorization(), ExtractionStrength()],
                  aggregates=[ForgetQuality(), ModelUtility()],
                  description="TOFU's metrics (Maini et al., 2024) as open-unlearning computes them",
                  split_kinds=dict(TOFU_SPLIT_KINDS))
 
 
 def mia_suite(max_new_tokens: int = 48) -> Suite:
-    return Suite("mia", "1", [], multi=[MIA(a) for a in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm")],
+    return Suite("mia", "2", [], multi=[MIA(a) for a in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm")],
                  aggregates=[MIAReference(), PrivLeak()], description="membership inference on forget vs holdout",
                  split_kinds=dict(TOFU_SPLIT_KINDS))
 
 
 def tofu_full_suite(max_new_tokens: int = 48) -> Suite:
     t, m = tofu_suite(max_new_tokens), mia_suite(max_new_tokens)
-    return Suite("tofu-full", "1", t.metrics, multi=m.multi, aggregates=t.aggregates + m.aggregates,
+    return Suite("tofu-full", "2", t.metrics, multi=m.multi, aggregates=t.aggregates + m.aggregates,
                  description="tofu + mia", split_kinds=dict(TOFU_SPLIT_KINDS))
 
 

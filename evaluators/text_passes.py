@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from unlearn.adapters.base import IGNORE
 from unlearn.evaluators import privacy as P
 from unlearn.evaluators import tofu as M
 from unlearn.evaluators.harness import PassRequest
+from unlearn.evaluators.tofu import Convention
 
-TF_OUTPUTS = frozenset({"nll", "token_logprobs", "vocab_stats", "memorization"})
+TF_OUTPUTS = frozenset({"nll", "token_logprobs", "vocab_stats", "memorization", "target_texts"})
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,10 @@ class TeacherForced(PassRequest):
     * ``nll``: ``{"nll": (N,), "n": (N,)}`` summed answer NLL and answer token count;
     * ``token_logprobs``: ``{"token_logprobs": [array (n_i,)]}`` log p of each answer token;
     * ``vocab_stats``: ``{"mu": [(n_i,)], "sigma": [(n_i,)]}`` Min-K%++ statistics;
-    * ``memorization``: ``{"exact_memorization": [...], "extraction_strength": [...]}``.
+    * ``memorization``: ``{"exact_memorization": [...], "extraction_strength": [...]}``;
+    * ``target_texts``: ``{"target_texts": [str]}`` the labelled (scored) tokens of each item
+      decoded with ``skip_special_tokens=True`` (:func:`labelled_texts`): the text the ZLib
+      attack compresses.
     """
 
     answer_key: str = "answer"
@@ -74,7 +79,7 @@ class _TFAccumulator:
     def __init__(self, outputs: frozenset) -> None:
         self.outputs = outputs
         self.out: dict[str, list] = {k: [] for k in ("nll", "n", "token_logprobs", "mu", "sigma",
-                                                     "exact_memorization", "extraction_strength")}
+                                                     "exact_memorization", "extraction_strength", "target_texts")}
 
     def add(self, adapter, logits: torch.Tensor, labels: torch.Tensor) -> None:
         out = self.out
@@ -94,10 +99,12 @@ class _TFAccumulator:
         if "memorization" in self.outputs:
             out["exact_memorization"] += M.exact_memorization(logits, labels).per_item
             out["extraction_strength"] += M.extraction_strength(logits, labels).per_item
+        if "target_texts" in self.outputs:
+            out["target_texts"] += labelled_texts(adapter.tokenizer, labels)
 
     def result(self) -> dict[str, Any]:
         res = {"nll": np.asarray(self.out["nll"]), "n": np.asarray(self.out["n"])}
-        for k in ("token_logprobs", "mu", "sigma", "exact_memorization", "extraction_strength"):
+        for k in ("token_logprobs", "mu", "sigma", "exact_memorization", "extraction_strength", "target_texts"):
             if self.out[k]:
                 res[k] = self.out[k]
         return res
@@ -179,13 +186,68 @@ class Generate(PassRequest):
                                 batch_size=batch_size)
 
 
+def labelled_texts(tokenizer, labels: torch.Tensor) -> list[str]:
+    """Per row of ``labels`` (B, T), the labelled tokens (``!= -100``) decoded with
+    ``skip_special_tokens=True``: open-unlearning's ``extract_target_texts_from_processed_data``.
+
+    These are the tokens the scores are computed over, so the text follows the tokenisation:
+    under ``tokenization="reference"`` the first answer token is often masked (the prompt's
+    trailing space merges into it) and is then absent from the text; under ``"split"`` the text
+    is the answer tokenised as ``" " + answer.strip()``, decoded (a byte-level BPE gives back
+    the leading space). EOS is a special token and is dropped in both.
+    """
+    out = []
+    for row in labels:
+        ids = row[row != IGNORE].tolist()
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+def drop_last_labelled(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (B, T) bool with each row's last True position set to False: the positions
+    open-unlearning's ``tokenwise_logprobs`` keeps ("ignore eos prediction")."""
+    mask = mask.bool()
+    count = mask.sum(-1, keepdim=True)  # (B, 1)
+    last = mask & (mask.long().cumsum(-1) == count)  # (B, T): the last True of each row
+    return mask & ~last
+
+
+def scored_mean_nll(adapter, batch: dict[str, Any], convention: Convention = "reference") -> torch.Tensor:
+    """Per item, the mean NLL of the scored answer tokens, differentiable: ``(B,)``.
+
+    ``convention="reference"``: every labelled token but the last (the tokens of
+    open-unlearning's ``tokenwise_logprobs``, on which its GradNorm attack takes its loss);
+    ``"exact"``: every labelled token (``item_nll / n``). Log-probs from
+    ``adapter.token_logprobs``. An item left with no token to score is a ValueError.
+    """
+    if convention not in ("reference", "exact"):
+        raise ValueError(f"convention must be 'reference' or 'exact', got {convention!r}")
+    logp, mask = adapter.token_logprobs(batch)  # (B, T-1), (B, T-1)
+    keep = drop_last_labelled(mask) if convention == "reference" else mask.bool()
+    n = keep.sum(-1)  # (B,)
+    if (n == 0).any():
+        i = int((n == 0).nonzero()[0, 0])
+        raise ValueError(f"item {i} has {int(mask[i].sum())} answer token(s); convention={convention!r} leaves none "
+                         "to score" + (" (it drops the last labelled token; use convention='exact')"
+                                       if convention == "reference" else ""))
+    return -(logp * keep).sum(-1) / n
+
+
 @dataclass(frozen=True)
 class GradNorms(PassRequest):
-    """Per item, the mean over parameter tensors of the L2 norm of the gradient of the answer
-    NLL (mean over answer tokens): ``np.ndarray (N,)``. One backward pass per item."""
+    """Per item, the mean over parameter tensors of the L2 norm of the gradient of the item's
+    mean answer NLL (:func:`scored_mean_nll`): ``np.ndarray (N,)``. One backward pass per
+    item, the model in ``train()`` mode, as open-unlearning's ``GradNormAttack``.
+
+    ``convention="reference"`` (default, whatever the tokenisation) takes the loss over every
+    labelled token but the last, as the reference (its loss comes from ``tokenwise_logprobs``);
+    ``"exact"`` over every labelled token. The same convention as Min-K% / Min-K%++.
+    """
+
+    convention: Convention = "reference"
 
     def group(self):
-        return ("grad_norms",)
+        return ("grad_norms", self.convention)
 
     def run(self, adapter, items, batch_size):
         model = adapter.model
@@ -199,8 +261,10 @@ class GradNorms(PassRequest):
         try:
             for i in range(len(items)):
                 b = adapter.collate(items[i: i + 1])
-                nll, n = adapter.item_nll(b)
-                loss = nll.sum() / n.sum().clamp_min(1)
+                try:
+                    loss = scored_mean_nll(adapter, b, self.convention)[0]
+                except ValueError as e:
+                    raise ValueError(f"GradNorms: item {i}: {str(e).removeprefix('item 0 ')}") from None
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 gn = [g.norm(2).item() for g in grads if g is not None]
                 norms.append(float(np.mean(gn)))

@@ -22,7 +22,8 @@ Evaluation splits (the names of ``task.eval_splits``):
 * ``real_authors``/``world_facts`` -- ``real_authors_perturbed``/``world_facts_perturbed``,
   or ``real_authors``/``world_facts`` whose ``option1..option4`` become the wrong answers;
 * ``holdout`` -- ``holdout{NN}`` of the forget split's percentage (``forget10`` ->
-  ``holdout10``), or ``holdout``;
+  ``holdout10``), or ``holdout``; its items need only ``question`` and ``answer`` (all that
+  TOFU's holdout files have, and all that membership inference reads);
 * any other name -- the file of that split.
 
 See ``docs/data.md``.
@@ -38,7 +39,7 @@ from typing import Any, Iterable, Sequence
 from unlearn.data import UnlearningData
 
 __all__ = [
-    "DEFAULT_EVAL_SPLITS", "EVAL_FIELDS", "FORGET_RETAIN_PAIRS", "ITEM_FIELDS", "MC_SPLITS",
+    "DEFAULT_EVAL_SPLITS", "EVAL_FIELDS", "FORGET_RETAIN_PAIRS", "HOLDOUT_FIELDS", "ITEM_FIELDS", "MC_SPLITS",
     "find_split_file", "find_split_files", "load_tofu_dir", "normalize_item", "read_records", "read_split",
 ]
 
@@ -47,6 +48,7 @@ ITEM_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer", "
                "author_id", "author", "attribute", "value")
 TRAIN_FIELDS = ("question", "answer")
 EVAL_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+HOLDOUT_FIELDS = ("question", "answer")  # the holdout split serves MIA, which reads only these
 MC_SPLITS = ("real_authors", "world_facts")
 FORGET_RETAIN_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 DEFAULT_EVAL_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts")
@@ -424,7 +426,9 @@ def load_tofu_dir(root: str | Path, forget_split: str = "forget10", retain_split
             split = "retain_perturbed"
         elif name == "holdout":
             names = ([f"holdout{pct.group(2)}"] if pct else []) + ["holdout"]
-            split = _first_split(root, names)
+            items, lab = read_split(root, _first_split(root, names))
+            evals[name] = _normalize_all(items, lab, required=HOLDOUT_FIELDS)
+            continue
         else:
             split = name
         items, lab = read_split(root, split)

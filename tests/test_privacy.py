@@ -316,7 +316,9 @@ def test_specs():
     assert set(SPECS) == names
     assert set(MIA_NAMES) == names - {"privleak"}
     for name, spec in SPECS.items():
-        assert spec.name == name and spec.version == "1" and spec.higher_is_better is None
+        # 2: ZLib compresses the decoded labelled tokens, GradNorm drops the last labelled token
+        want = "2" if name in ("mia_zlib", "mia_gradnorm") else "1"
+        assert spec.name == name and spec.version == want and spec.higher_is_better is None
         assert spec.description and spec.paper and spec.modality == "text"
     assert "2310.16789" in SPECS["mia_min_k"].paper
     assert "2404.02936" in SPECS["mia_min_k_plus_plus"].paper

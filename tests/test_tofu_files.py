@@ -283,3 +283,58 @@ def test_custom_split_names_are_not_paired(tofu_dir):
     write_jsonl(tofu_dir / "my_forget.json", FORGET_PERT)
     data = load_tofu_dir(tofu_dir, "my_forget", "retain90", eval_splits=["forget"])
     assert len(data.forget) == 4
+
+
+# -- the holdout split: question and answer only ------------------------------------------------
+HOLDOUT_QA = [qa(i, "H", full=False) for i in range(3)]  # TOFU's holdout10.json: question/answer only
+
+
+def test_holdout_needs_only_question_and_answer(tofu_dir):
+    write_jsonl(tofu_dir / "holdout10.json", HOLDOUT_QA)
+    data = load_tofu_dir(tofu_dir, eval_splits=("forget", "holdout"))
+    assert data.split("holdout") == HOLDOUT_QA  # nothing added, nothing demanded
+    write_jsonl(tofu_dir / "holdout10.json", [{"question": "q?"}])
+    with pytest.raises(ValueError) as e:  # the answer is still required
+        load_tofu_dir(tofu_dir, eval_splits=("holdout",))
+    assert "holdout10.json, record 0" in message(e) and "'answer'" in message(e)
+
+
+def test_tofu_full_run_on_files_with_a_question_answer_holdout(tofu_dir, tmp_path):
+    """End to end: a tofu-full run (MIA on forget vs holdout, privleak against a retain model)
+    on TOFU-format files whose holdout has only question and answer."""
+    import json as _json
+
+    import unlearn
+    from unlearn.adapters.text import TextAdapter
+    from unlearn.zoo.models import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+
+    write_jsonl(tofu_dir / "holdout10.json", HOLDOUT_QA)
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in FORGET + RETAIN + HOLDOUT_QA]
+    texts += [s for r in FORGET_PERT + RETAIN_PERT for s in [r["paraphrased_answer"], *r["perturbed_answer"]]]
+    tok = train_tokenizer(texts, vocab_size=300)
+    model = build_tiny_llama(TinyLlamaSpec(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2), tok, seed=0)
+    model_dir = tmp_path / "model"
+    TextAdapter(model, tok).save(model_dir)
+    out = tmp_path / "run"
+    recipe = {
+        "name": "files-full", "seed": 0, "model": {"source": str(model_dir)},
+        "task": {"name": "tofu_files", "path": str(tofu_dir), "forget_split": "forget10", "retain_split": "retain90",
+                 "retain_model": str(model_dir),
+                 "eval_splits": ["forget", "retain_eval", "real_authors", "world_facts", "holdout"]},
+        "method": {"name": "grad_diff"},
+        "train": {"epochs": 1, "max_steps": 1, "batch_size": 4, "save_checkpoint": False},
+        "eval": {"suite": "tofu-full", "batch_size": 8, "max_new_tokens": 4, "n_samples": 1},
+        "output": {"dir": str(out)},
+    }
+    res = unlearn.run(recipe, progress=False)
+    metrics = _json.loads((out / "metrics.json").read_text())
+    unl = metrics["models"]["unlearned"]
+    assert unl["suite"] == "tofu-full"
+    assert set(unl["splits"]["holdout"]["metrics"]) == {"prob", "rouge", "exact_memorization", "extraction_strength"}
+    for name in ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_gradnorm"):
+        assert 0.0 <= unl["multi"][name]["value"] <= 1.0, name
+        assert unl["multi"][name]["split_sizes"] == {"forget": 4, "holdout": 3}
+    # the aggregates against the retain model's MIA results ran (privleak may be None: a retain AUC of 1)
+    assert unl["summary"]["mia_reference"]["value"] is not None and "privleak" in unl["summary"]
+    assert res.metrics["models"]["unlearned"]["multi"]["mia_loss"]["split_sizes"]["holdout"] == 3
