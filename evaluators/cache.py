@@ -1,23 +1,41 @@
 """The evaluation result cache, shared by every suite.
 
 A result is stored as JSON under a key made of everything that determines it: the model's
-weights fingerprint and whatever else the caller passes (suite name and version, protocol,
-judge, settings), plus the content of every split. Never by metric name alone: a changed item,
-setting or weight is a different key. Files are written atomically.
+:meth:`~unlearn.adapters.base.Adapter.identity` (weights, tokenizer files, tokenisation mode,
+prompt; for images the scheduler), whatever else the caller passes (suite name and version,
+protocol, judge, settings), the content of every split, and the versions of this toolkit and
+of the libraries that compute the numbers. Never by metric name alone: a changed item, setting,
+tokenizer or weight is a different key. Files are written atomically; an entry that cannot be
+read back (truncated, not JSON, not a result) is discarded with a warning and recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from unlearn._version import __version__
 from unlearn.data import items_fingerprint
 from unlearn.runs import atomic_write_text
 from unlearn.zoo import cache_dir
 
-CACHE_VERSION = "2"  # bump when the layout of a cached result changes
+CACHE_VERSION = "3"  # bump when the layout of a cached result changes
+# libraries whose version can change a number (tokenisation, kernels, schedulers, metrics)
+KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers", "scikit-learn", "scipy", "rouge-score", "numpy")
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for lib in KEY_LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -26,10 +44,10 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(parts: dict[str, Any], splits: dict[str, list[dict]]) -> str:
-    """24 hex characters of sha256 over ``parts`` (JSON, sorted keys), the cache version and the
-    split contents."""
+    """24 hex characters of sha256 over ``parts`` (JSON, sorted keys), the cache version, the
+    toolkit and library versions and the split contents."""
     h = hashlib.sha256()
-    h.update(json.dumps({**parts, "cache": CACHE_VERSION,
+    h.update(json.dumps({**parts, "cache": CACHE_VERSION, "unlearn": __version__, "libraries": library_versions(),
                          "splits": {k: items_fingerprint(v) for k, v in sorted(splits.items())}},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -42,7 +60,16 @@ def cached_result(cache_dir: str | Path | None, parts: dict[str, Any], splits: d
         return compute()
     path = Path(cache_dir) / f"{cache_key(parts, splits)}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            res = json.loads(path.read_text())
+            if isinstance(res, dict) and res:
+                return res
+            problem = "not a result"
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(f"discarded the unreadable evaluation cache entry {path} ({problem}); recomputing",
+                      RuntimeWarning, stacklevel=2)
+        path.unlink(missing_ok=True)
     res = compute()
     atomic_write_text(path, json.dumps(res))
     return res

@@ -1,8 +1,8 @@
 """The ``tofu`` suite as one call: run a named suite through the harness, with a result cache.
 
 The metrics themselves live in :mod:`unlearn.evaluators.suites` and the pass planning in
-:mod:`unlearn.evaluators.harness`; this module adds the cache key (model fingerprint,
-tokenisation, prompt, suite and version, settings, split contents) and the aggregates call
+:mod:`unlearn.evaluators.harness`; this module adds the cache key (model identity:
+weights, tokenizer, tokenisation, prompt; suite and version, settings, split contents) and the aggregates call
 the TOFU task uses.
 """
 
@@ -21,16 +21,15 @@ def evaluate(adapter, splits: dict[str, list[dict]], *, batch_size: int = 32, ma
              suite: str = "tofu") -> dict[str, Any]:
     """Run a named suite (default ``tofu``) through the harness on every split.
 
-    Results are cached (when ``cache_dir`` is given) under a key made of the model
-    fingerprint, the tokenisation, the prompt, the suite and its version, the settings and
+    Results are cached (when ``cache_dir`` is given) under a key made of the model's identity
+    (weights, tokenizer, tokenisation, prompt), the suite and its version, the settings and
     the split contents -- never by metric name alone (:mod:`unlearn.evaluators.cache`).
     """
     st = get_suite(suite, max_new_tokens=max_new_tokens)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "suite": st.name, "suite_version": st.version}
     protocol = {"tokenization": adapter.tokenization, "prompt_template": adapter.prompt_template,
                 "decoding": "greedy", "memorization_convention": "reference", "max_new_tokens": max_new_tokens}
-    parts = {"model": adapter.fingerprint(), "tok": adapter.tokenization, "prompt": adapter.prompt_template,
-             "settings": settings}
+    parts = {"model": adapter.identity(), "settings": settings, "protocol": protocol}
     return cached_result(cache_dir, parts, splits,
                          lambda: harness.evaluate(adapter, splits, st, batch_size=batch_size, progress=progress,
                                                   label=label, protocol=protocol))

@@ -183,6 +183,7 @@ class TofuTask(Task):
 
     def prepare(self, data, model) -> None:
         super().prepare(data, model)
+        self.warnings += too_long(model, data)
         t = self.recipe.task
         if t.retain_model:
             self.retain_adapter = load_model(t.retain_model, "text", **self._adapter_kw())
@@ -278,3 +279,24 @@ class TofuFilesTask(TofuTask):
 
 
 __all__ = ["TofuTask", "TofuFilesTask", "EVAL_SPLITS", "UTILITY_EVAL_SPLITS", "TOFU_FORGET_SPLITS", "complement"]
+
+
+def too_long(model, data) -> list[str]:
+    """One line per split with items (question + answer, as the model tokenises them) longer
+    than the model's context (``max_position_embeddings``). Nothing is truncated: such items are
+    trained and evaluated whole, past the positions the model was trained on."""
+    ctx = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+    if not ctx:
+        return []
+    splits = [("the forget set", data.forget), *([("the retain set", data.retain)] if data.retain else []),
+              *((f"evaluation split {k!r}", v) for k, v in data.eval_splits.items())]
+    out = []
+    for name, items in splits:
+        lengths = [len(model.encode(it["question"], it["answer"])[0]) for it in items
+                   if isinstance(it.get("question"), str) and isinstance(it.get("answer"), str)]
+        n = sum(n_tok > ctx for n_tok in lengths)
+        if n:
+            out.append(f"{name}: {n} of {len(items)} items are longer than the model's context of {ctx} "
+                       f"tokens (longest {max(lengths)}); they are not truncated, but the model has never seen such "
+                       "positions -- shorten them or use a model with a longer context")
+    return out

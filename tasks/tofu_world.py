@@ -63,6 +63,17 @@ def _word(rng: random.Random, syllables: int) -> str:
     return s.capitalize()
 
 
+# what the generator can make (name and value pools are finite) in seconds, not hours
+WORLD_BOUNDS = {"seed": (0, 2**63 - 1), "n_authors": (100, 20000), "n_holdout": (0, 5000), "n_perturbed": (3, 7),
+                "n_countries": (8, 1000), "n_real_authors": (20, 500)}
+WORLD_BOUND_WHY = {"seed": "a non-negative integer",
+                   "n_authors": "forget01 needs one author; 20000 authors are 400k items, generated in ~15 s",
+                   "n_holdout": "5000 holdout authors are 100k items",
+                   "n_perturbed": "the perturbed answers are drawn from finite pools of wrong values",
+                   "n_countries": "country names are drawn without repeats", "n_real_authors":
+                   "famous-author names are drawn without repeats from a finite pool"}
+
+
 @dataclass
 class WorldConfig:
     """Size and seed of a generated world. The defaults are TOFU's sizes."""
@@ -75,12 +86,10 @@ class WorldConfig:
     n_real_authors: int = 100
 
     def __post_init__(self) -> None:
-        if self.n_authors < 100:
-            raise ValueError(f"world.n_authors={self.n_authors}: need >= 100 so forget01 holds at least one author")
-        if self.n_perturbed < 3:
-            raise ValueError(f"world.n_perturbed={self.n_perturbed}: need >= 3 perturbed answers per question")
-        if self.n_countries < 8 or self.n_real_authors < 20:
-            raise ValueError("world.n_countries must be >= 8 and world.n_real_authors >= 20")
+        for key, (lo, hi) in WORLD_BOUNDS.items():
+            v = getattr(self, key)
+            if not lo <= v <= hi:
+                raise ValueError(f"world.{key}={v}: must be in [{lo}, {hi}] ({WORLD_BOUND_WHY[key]})")
 
 
 @dataclass

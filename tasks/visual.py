@@ -220,9 +220,9 @@ class VisualTask(Task):
             return harness_evaluate(model, splits, self.suite, batch_size=ev.batch_size, progress=progress,
                                     label=label, protocol=self.protocol)
 
-        if not cache or not callable(getattr(model, "fingerprint", None)):
+        if not cache or not callable(getattr(model, "identity", None)):
             return compute()
-        key = {"model": model.fingerprint(), "suite": self.suite.name, "suite_version": self.suite.version,
+        key = {"model": model.identity(), "suite": self.suite.name, "suite_version": self.suite.version,
                "protocol": self.protocol, "reference_features": self._ref_hash, "batch_size": ev.batch_size}
         return eval_cache.cached_result(eval_cache.default_cache_dir(), key, splits, compute)
 

@@ -73,7 +73,7 @@ def test_finished_run_is_not_overwritten_and_nothing_partial_is_left(tiny_model_
     out = tmp_path / "run"
     unlearn.run(_recipe(tiny_model_dir, out), progress=False)
     before = (out / "metrics.json").read_text()
-    with pytest.raises(FileExistsError, match="already holds a finished run"):
+    with pytest.raises(ValueError, match="already holds a finished run"):
         unlearn.run(_recipe(tiny_model_dir, out), progress=False)
     assert (out / "metrics.json").read_text() == before
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]

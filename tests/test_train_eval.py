@@ -98,12 +98,12 @@ def test_callback_sees_epoch_ends_and_can_stop(tiny_adapter, qa_items):
     assert log.steps == 3 and log.stopped_early == 3 and log.to_dict()["stopped_early"] == 3
     assert "epoch_end" not in log.history[0]  # the history itself is unchanged
 
-    # grad_accum 3 over 2 batches per epoch: epoch 0 ends inside the window of step 1
+    # grad_accum 3 over 2 batches per epoch: each epoch's short window steps at its end
     seen.clear()
     s = TrainSettings(epochs=3, lr=1e-3, batch_size=4, grad_accum=3)
     log = train(tiny_adapter, GradAscent(), qa_items, None, s, progress=False, callback=lambda st, i: seen.append(
-        (st, i["epoch_end"], i["last"])))
-    assert seen == [(1, True, False), (2, True, True)] and log.stopped_early is None
+        (st, i["epoch"], i["epoch_end"], i["last"])))
+    assert seen == [(1, 0, True, False), (2, 1, True, False), (3, 2, True, True)] and log.stopped_early is None
 
 
 # -- evaluation during training ------------------------------------------------------------------

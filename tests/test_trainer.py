@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -157,3 +159,48 @@ def test_bad_optimizer_and_frozen_model_are_errors(tiny_adapter, qa_items):
 def test_retain_batches_are_drawn_when_needed(tiny_adapter, qa_items, tiny_qa):
     log = train(tiny_adapter, GradDiff(), qa_items, tiny_qa[10:], settings(max_steps=2), progress=False)
     assert log.steps == 2 and all("retain_nll" in h for h in log.history)
+
+
+def test_short_last_window_steps_at_epoch_end(tiny_adapter, qa_items, optimizer_steps):
+    # 8 items / batch 2 = 4 micro-batches per epoch; grad_accum 3 -> windows of 3 and 1: 2 steps per epoch
+    obj = CountingAscent()
+    log = train(tiny_adapter, obj, qa_items, None, settings(epochs=2, grad_accum=3), progress=False)
+    assert obj.calls == 8 and log.steps == 4 and optimizer_steps["n"] == 4
+    assert [h["epoch"] for h in log.history] == [0, 0, 1, 1]
+    # far more accumulation than micro-batches: one (short) window, one step -- never 0 steps
+    obj = CountingAscent()
+    log = train(tiny_adapter, obj, qa_items, None, settings(batch_size=64, grad_accum=8), progress=False)
+    assert obj.calls == 1 and log.steps == 1
+
+
+def test_window_gradient_is_the_mean_over_its_micro_batches(tiny_adapter, qa_items):
+    # SGD without clipping: the update of one step over a window of 3 micro-batches equals
+    # lr * mean of the three micro-batch gradients, computed here by hand
+    ref = copy.deepcopy(tiny_adapter.model)
+    w0 = tiny_adapter.model.lm_head.weight.detach().clone()
+    grads = []
+    for idx in ([0, 1], [2, 3], [4, 5]):
+        ref.zero_grad()
+        b = tiny_adapter.collate([qa_items[i] for i in idx])
+        (-mean_token_nll(tiny_adapter, b, model=ref)).backward()
+        grads.append(ref.lm_head.weight.grad.detach().clone())
+    import unlearn.trainer as tr
+
+    orig = tr._batches
+    tr._batches = lambda n, bs, rng: [[0, 1], [2, 3], [4, 5], [6, 7]]
+    try:
+        train(tiny_adapter, CountingAscent(), qa_items, None,
+              settings(grad_accum=3, optimizer="sgd", lr=0.1, max_grad_norm=None, max_steps=1), progress=False)
+    finally:
+        tr._batches = orig
+    expected = w0 - 0.1 * torch.stack(grads).mean(0)
+    assert torch.allclose(tiny_adapter.model.lm_head.weight.detach(), expected, atol=1e-6)
+    assert not torch.allclose(expected, w0 - 0.1 * grads[0], atol=1e-6)  # not just one micro-batch's step
+
+
+@pytest.mark.parametrize("kw", [{"epochs": 0}, {"max_steps": 0}])
+def test_zero_optimizer_steps_is_an_error_before_training(tiny_adapter, qa_items, kw):
+    obj = CountingAscent()
+    with pytest.raises(ValueError, match="0 optimizer steps"):
+        train(tiny_adapter, obj, qa_items, None, settings(**kw), progress=False)
+    assert obj.calls == 0

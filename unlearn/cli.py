@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 
 import unlearn
 from unlearn import zoo
+from unlearn.trainer import TrainingDiverged
 
 
 def _run(args) -> int:
@@ -89,14 +92,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="build one part (base first; then retain and target can run in parallel; then manifest). "
                         "tiny-reader: target or retain90 (in parallel), then manifest")
     args = p.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
         return _run(args) if args.cmd == "run" else _zoo(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # every input check (recipes, data, models, output directories)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # I/O: permissions, a full disk, a missing or unreadable file
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; no run directory was left behind", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated (SIGTERM); no run directory was left behind", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that the run's clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and a hint for the common causes."""
+    what = e.strerror or str(e).splitlines()[0]
+    files = " -> ".join(repr(str(f)) for f in (e.filename, getattr(e, "filename2", None)) if f)
+    hint = {errno.ENOSPC: "free some space or choose another output.dir",
+            errno.EACCES: "check the permissions, or choose another output.dir",
+            errno.EROFS: "the file system is read-only: choose another output.dir",
+            errno.EDQUOT: "the disk quota is exhausted: free some space"}.get(e.errno, "")
+    return f"{what}: {files}" + (f"; {hint}" if hint else "") if files else what + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,33 @@ class UnlearningData:
             raise ValueError(f"{self.name}: no evaluation split {name!r}; available: {sorted(self.eval_splits)}")
         return self.eval_splits[name]
 
+    def warnings(self) -> list[str]:
+        """What looks wrong but may be meant: the same question twice in the forget (or retain)
+        set, and questions in both the forget and the retain set (training then pulls the same
+        item both ways). Items are compared by their ``question`` text, whitespace-normalised
+        and case-folded. Items without a question (image renders, where one caption is drawn
+        with many seeds on purpose) are not checked."""
+        key = "question"
+        if not all(isinstance(it, dict) and key in it for it in self.forget):
+            return []
+
+        def texts(items):
+            return [" ".join(str(it.get(key, "")).split()).casefold() for it in items]
+
+        out = []
+        f = texts(self.forget)
+        for name, t in (("forget", f), ("retain", texts(self.retain) if self.retain else [])):
+            dup = len(t) - len(set(t))
+            if dup:
+                first = next(x for x in t if t.count(x) > 1)
+                out.append(f"{self.name}: the {name} set repeats {dup} {key}(s), e.g. {first[:60]!r}")
+        if self.retain:
+            both = set(f) & set(texts(self.retain))
+            if both:
+                out.append(f"{self.name}: {len(both)} {key}(s) are in both the forget and the retain set, e.g. "
+                           f"{sorted(both)[0][:60]!r}; training pushes them both ways")
+        return out
+
     def fingerprints(self) -> dict[str, str]:
         out = {"forget": items_fingerprint(self.forget)}
         if self.retain is not None:

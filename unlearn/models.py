@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from unlearn.adapters import nonfinite_parameter
 from unlearn.adapters.base import MODALITIES, WRAPPER_FILE, Adapter
 from unlearn.adapters.image import ImageAdapter
 from unlearn.adapters.text import TextAdapter
@@ -72,7 +73,8 @@ def load_model(source: str, modality: str, **kwargs) -> Adapter:
     Raises:
         ValueError naming the source and the fix: an unknown or missing zoo model, a path that
         does not exist or holds no saved model, a model of the other modality, a hub id that
-        cannot be loaded (offline machines need a local path).
+        cannot be loaded (offline machines need a local path), corrupt, empty or missing weight
+        or tokenizer files (named), weights holding NaN/Inf (the tensor named).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(repr(m) for m in MODALITIES)}, got {modality!r}")
@@ -89,10 +91,18 @@ def load_model(source: str, modality: str, **kwargs) -> Adapter:
             if adapter.modality != modality:
                 raise ValueError(f"model {source!r} is a wrapped {adapter.modality} model, but {_a(modality)} model "
                                  f"was asked for; load it with modality={adapter.modality!r}")
-            return adapter
-    if modality == "text":
-        return TextAdapter.load(source, **kwargs)
-    return ImageAdapter.load(source, **kwargs)
+            return check_finite(adapter, source)
+    adapter = TextAdapter.load(source, **kwargs) if modality == "text" else ImageAdapter.load(source, **kwargs)
+    return check_finite(adapter, source)
+
+
+def check_finite(adapter: Adapter, source: str) -> Adapter:
+    """``adapter``, if every weight is finite; else ValueError naming the first NaN/Inf tensor."""
+    bad = nonfinite_parameter(adapter.model)
+    if bad is not None:
+        raise ValueError(f"model {source!r} has non-finite weights (NaN/Inf in {bad}); the checkpoint is corrupt or "
+                         "was saved from a diverged run -- use another checkpoint")
+    return adapter
 
 
 __all__ = ["load_model"]

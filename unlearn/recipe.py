@@ -12,6 +12,7 @@ strict: unknown keys, wrong types and impossible combinations are errors that na
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ from unlearn.evaluators.attacks import ATTACK_SETS, attack_names
 from unlearn.evaluators.attacks import ATTACKS as ATTACK_REGISTRY
 from unlearn.objectives import OBJECTIVES
 from unlearn.probes import PROBES as PROBE_REGISTRY
-from unlearn.task import TEXT_SPEC_DEFAULTS
+from unlearn.task import GIVEN_KEYS, TEXT_SPEC_DEFAULTS
 from unlearn.tasks.registry import TASKS
 from unlearn.tasks.tofu_task import EVAL_SPLITS
+from unlearn.tasks.tofu_world import WORLD_BOUND_WHY, WORLD_BOUNDS
 from unlearn.tasks.visual_world import ATTRIBUTES, VisualWorldConfig
 
 __all__ = [
@@ -74,8 +76,9 @@ class ModelSpec:
             raise invalid("source", "is empty; give zoo:<family>/<name>, a directory or a hub id")
         if self.source.startswith("zoo:") and not _ZOO.match(self.source):
             raise invalid("source", f"is {self.source!r}; a zoo name looks like zoo:<family>/<name>, e.g. zoo:tiny-llama/target")
-        if self.threads < 1:
-            raise invalid("threads", f"must be >= 1, got {self.threads}")
+        cpus = os.cpu_count() or 1
+        if not 1 <= self.threads <= cpus:
+            raise invalid("threads", f"must be in [1, {cpus}] (the CPUs of this machine), got {self.threads}")
 
 
 @dataclass
@@ -90,19 +93,11 @@ class WorldSpec:
     n_real_authors: int = _opt(100, help="famous authors of the real_authors set (>= 20)")
 
     def __post_init__(self) -> None:
-        # Same bounds as tasks.tofu_world.WorldConfig, checked here so the error names the key.
-        if self.seed < 0:
-            raise invalid("seed", f"must be >= 0, got {self.seed}")
-        if self.n_authors < 100:
-            raise invalid("n_authors", f"must be >= 100 so that forget01 holds at least one author, got {self.n_authors}")
-        if self.n_holdout < 0:
-            raise invalid("n_holdout", f"must be >= 0, got {self.n_holdout}")
-        if self.n_perturbed < 3:
-            raise invalid("n_perturbed", f"must be >= 3, got {self.n_perturbed}")
-        if self.n_countries < 8:
-            raise invalid("n_countries", f"must be >= 8, got {self.n_countries}")
-        if self.n_real_authors < 20:
-            raise invalid("n_real_authors", f"must be >= 20, got {self.n_real_authors}")
+        # The bounds of tasks.tofu_world.WorldConfig, checked here so the error names the key.
+        for key, (lo, hi) in WORLD_BOUNDS.items():
+            v = getattr(self, key)
+            if not lo <= v <= hi:
+                raise invalid(key, f"must be in [{lo}, {hi}] ({WORLD_BOUND_WHY[key]}), got {v}")
 
 
 @dataclass
@@ -547,6 +542,12 @@ def load_recipe(src: str | Path | dict | Recipe, overrides: Iterable[str] = ()) 
     if not isinstance(data, dict):
         got = "empty" if data is None else f"a {type(data).__name__}"
         raise RecipeError(f"{where} must be a mapping of sections (name, model, task, method, ...), but it is {got}")
-    recipe = from_dict(Recipe, apply_overrides(data, list(overrides)), "")
+    data = apply_overrides(data, list(overrides))
+    given = frozenset(f"{sec}.{k}" for sec, v in data.items() if isinstance(v, dict) for k in v)
+    token = GIVEN_KEYS.set(given)  # the task's defaults fill only what the recipe left out
+    try:
+        recipe = from_dict(Recipe, data, "")
+    finally:
+        GIVEN_KEYS.reset(token)
     resolve_method(recipe)
     return recipe

@@ -10,6 +10,7 @@ here knows a benchmark or a modality. See ``docs/architecture.md`` and ``docs/ha
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import transformers
 import yaml
 
+from unlearn.adapters import nonfinite_parameter
 from unlearn.config import RecipeError, to_dict
 from unlearn.editors import EditContext, Editor
 from unlearn.evaluators.attacks import ATTACKS, make_attack
@@ -29,7 +31,7 @@ from unlearn.report import write_report
 from unlearn.runs import RunDir, atomic_write_json, atomic_write_text, provenance
 from unlearn.selection import apply_selection, finalize_selection
 from unlearn.train_eval import TrainEval
-from unlearn.trainer import TrainLog, TrainSettings, train
+from unlearn.trainer import TrainingDiverged, TrainLog, TrainSettings, train
 
 
 @dataclass
@@ -166,11 +168,12 @@ def finish_run(rd, recipe, adapter, metrics: dict[str, Any], prov: dict[str, Any
 
 
 def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False) -> RunResult:
-    """Run a recipe (path, dict or Recipe) with optional ``--set``-style overrides."""
+    """Run a recipe (path, dict or Recipe -- validated again, edits in Python included) with
+    optional ``--set``-style overrides."""
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if not isinstance(recipe, Recipe) or overrides:
-        recipe = load_recipe(recipe if not isinstance(recipe, Recipe) else to_dict(recipe), list(overrides))
+    # a Recipe object is validated again: it may have been edited in Python since it was loaded
+    recipe = load_recipe(recipe, list(overrides))
     # 0. the method and the task; everything a recipe can get wrong is checked before any model loads
     method_cls, method_config = resolve_method(recipe)
     method = method_cls(method_config)
@@ -185,6 +188,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     set_seed(recipe.seed)
     t_start = time.time()
     rd = RunDir(recipe.output_dir, overwrite=recipe.output.overwrite)
+    for msg in rd.recovered:
+        print(f"note: {msg}", file=sys.stderr)
     try:
         # 1. data, the model, and what evaluation needs besides it (reference models, judges)
         data = task.load_data()
@@ -193,6 +198,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         adapter = task.load_model()
         target_fp = adapter.fingerprint()
         task.prepare(data, adapter)
+        for msg in task.warnings:
+            print(f"warning: {msg}", file=sys.stderr)
 
         # 2. the target, before anything changes: evaluation, what the report shows, attacks, probes
         target_res = task.evaluate(adapter, "target") if recipe.eval.compare_target else None
@@ -206,6 +213,9 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         # 3. unlearn: an objective through the trainer (with evaluation during training), or an editor
         applied = apply_method(method, adapter, data, recipe, task=task, spill_dir=rd.path, progress=progress)
         adapter = applied.adapter
+        bad = nonfinite_parameter(adapter.model)
+        if bad is not None:  # an editor's closed form can diverge too; never evaluate or save such weights
+            raise TrainingDiverged(f"method {recipe.method.name!r} left non-finite weights in {bad}")
 
         # 4. the unlearned model: evaluation, what the report shows, probes, attacks
         adapter.fingerprint(refresh=True)
@@ -239,6 +249,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
                        "kind": "editor" if isinstance(method, Editor) else "objective"},
             selection=applied.selection.to_dict() if applied.selection is not None else None,
             parameters_changed=len(applied.changed),
+            **({"output_recovered": rd.recovered} if rd.recovered else {}),
+            **({"warnings": task.warnings} if task.warnings else {}),
         )
         # every result file carries what reproduces it: the resolved recipe and the provenance
         metrics: dict[str, Any] = {"summary": summary, "models": models, "train": log.to_dict(),
@@ -254,6 +266,9 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
             metrics["editor"] = applied.editor_info
         final = finish_run(rd, recipe, adapter, metrics, prov,
                            lambda: write_report(rd.path, recipe, task, metrics, prov))
+    except TrainingDiverged as e:
+        rd.abort()
+        raise TrainingDiverged(f"{e}; nothing was written to {str(recipe.output_dir)!r}") from None
     except BaseException:
         rd.abort()
         raise

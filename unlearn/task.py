@@ -26,6 +26,7 @@ Result dicts are the harness's (:func:`unlearn.evaluators.harness.evaluate`): ``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +40,14 @@ TEXT_SPEC_DEFAULTS: dict[str, Any] = {
     "eval_splits": ["forget", "retain_eval", "real_authors", "world_facts"]}
 # Likewise for keys outside the ``task`` section (dotted paths).
 BASE_RECIPE_DEFAULTS: dict[str, Any] = {"eval.suite": "tofu", "model.source": "zoo:tiny-llama/target"}
+
+# The dotted keys a recipe mapping gave explicitly, while ``load_recipe`` builds it (None otherwise).
+GIVEN_KEYS: ContextVar[frozenset[str] | None] = ContextVar("GIVEN_KEYS", default=None)
+
+
+def _defaulted(key: str, value: Any, text_default: Any) -> bool:
+    given = GIVEN_KEYS.get()
+    return key not in given if given is not None else value == text_default
 
 
 class Task(ABC):
@@ -77,18 +86,22 @@ class Task(ABC):
     # ------------------------------------------------------------------ recipe time
     @classmethod
     def apply_spec_defaults(cls, spec) -> None:
-        """Replace the TOFU defaults of the ``task`` section by this task's (``spec_defaults``)."""
+        """Replace the TOFU defaults of the ``task`` section by this task's (``spec_defaults``):
+        every key the recipe did not give (when loaded from a mapping or file by
+        ``load_recipe``), or -- a section built in Python -- every key still at the TOFU default."""
         for key, value in cls.spec_defaults.items():
-            if getattr(spec, key) == TEXT_SPEC_DEFAULTS.get(key):
+            if _defaulted(f"task.{key}", getattr(spec, key), TEXT_SPEC_DEFAULTS.get(key)):
                 setattr(spec, key, value)
 
     @classmethod
     def apply_recipe_defaults(cls, recipe) -> None:
-        """Replace defaults outside the ``task`` section (``recipe_defaults``, dotted keys)."""
+        """Replace defaults outside the ``task`` section (``recipe_defaults``, dotted keys), as
+        :meth:`apply_spec_defaults` does: a key the recipe gave is kept, even when it equals the
+        TOFU default."""
         for key, value in cls.recipe_defaults.items():
             section, attr = key.split(".")
             obj = getattr(recipe, section)
-            if getattr(obj, attr) == BASE_RECIPE_DEFAULTS.get(key):
+            if _defaulted(key, getattr(obj, attr), BASE_RECIPE_DEFAULTS.get(key)):
                 setattr(obj, attr, value)
 
     @classmethod
@@ -125,6 +138,7 @@ class Task(ABC):
         self.recipe = recipe
         self.progress = progress
         self.data: UnlearningData | None = None
+        self.warnings: list[str] = []  # filled by prepare
 
     @abstractmethod
     def load_data(self) -> UnlearningData:
@@ -136,8 +150,12 @@ class Task(ABC):
 
     def prepare(self, data: UnlearningData, model) -> None:
         """Load what evaluation needs besides the model (reference models, judges, suites) and
-        evaluate the reference models. Called once, before the target is evaluated."""
+        evaluate the reference models. Called once, before the target is evaluated.
+
+        Fills ``self.warnings`` (the runner prints them and keeps them in the provenance): the
+        data's own (:meth:`UnlearningData.warnings`) plus what a subclass adds."""
         self.data = data
+        self.warnings: list[str] = list(data.warnings())
 
     @abstractmethod
     def evaluate(self, model, label: str, *, cache: bool = True) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The unlearning training loop, on ``accelerate`` (single process here; multi-process later).
 
-One step = one forget batch (+ one retain batch of the same size drawn at random, as
-open-unlearning's forget/retain pairing does) -> ``objective.loss`` -> backward. Gradient
-accumulation, clipping, optimizer and scheduler come from the recipe's ``train`` section.
+One micro-batch = one forget batch (+ one retain batch of the same size drawn at random, as
+open-unlearning's forget/retain pairing does) -> ``objective.loss`` -> backward. An optimizer
+step applies the mean gradient of ``grad_accum`` micro-batches; an epoch's last window may be
+shorter and still steps at epoch end, as the HF Trainer does, so every epoch takes
+``ceil(ceil(n / batch_size) / grad_accum)`` steps and a run that would take none is refused
+before training. Clipping, optimizer and scheduler come from the recipe's ``train`` section.
 A non-finite loss or gradient stops training at once with a message naming the step
 (numbered from 1, as in the training history). A ``callback`` sees every optimizer step
 and may end training early and cleanly by returning ``"stop"`` (the runner's evaluation
@@ -11,6 +14,7 @@ during training uses it for ``train.utility_floor``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from unlearn.adapters import nonfinite_parameter
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,8 +84,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         seed: seeds the data order and retain sampling.
         callback: called as ``callback(step, logs)`` after every optimizer step, with ``logs`` a
             copy of the step's history entry plus ``epoch_end`` (this step completes the last
-            accumulation window begun in its epoch -- with ``grad_accum`` not dividing an epoch,
-            that is the first step of the next epoch -- or is the last step of training) and
+            accumulation window of its epoch, or is the last step of training) and
             ``last`` (no further step follows). Returning ``"stop"`` ends training cleanly after
             this step (``TrainLog.stopped_early`` records the step); any other return value
             is ignored.
@@ -93,7 +98,16 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         raise ValueError("the forget set is empty: nothing to unlearn")
     if objective.needs_retain() and not retain:
         raise ValueError(f"objective {objective.name!r} needs a retain set but none was given")
-    acc = Accelerator(cpu=True, gradient_accumulation_steps=settings.grad_accum)
+    per_epoch = math.ceil(len(forget) / settings.batch_size)  # micro-batches per epoch
+    # the last accumulation window of an epoch may be short: it steps at epoch end (as the HF Trainer does)
+    steps_per_epoch = math.ceil(per_epoch / settings.grad_accum)
+    total_steps = steps_per_epoch * settings.epochs
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    if total_steps < 1:
+        raise ValueError(f"this training would take 0 optimizer steps (train.epochs={settings.epochs}, "
+                         f"train.max_steps={settings.max_steps}); set both to at least 1")
+    acc = Accelerator(cpu=True)
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -104,13 +118,6 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         opt = torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
         raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
-    per_epoch = math.ceil(len(forget) / settings.batch_size)
-    total_micro = per_epoch * settings.epochs
-    if settings.max_steps is not None:
-        total_micro = min(total_micro, settings.max_steps * settings.grad_accum)
-    # whole accumulation windows only: a trailing partial window would never be applied
-    total_micro = max(settings.grad_accum, total_micro - total_micro % settings.grad_accum)
-    total_steps = max(1, total_micro // settings.grad_accum)
     sched = get_scheduler(settings.scheduler, opt, num_warmup_steps=int(settings.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
@@ -122,58 +129,56 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, mininterval=1)
     t0 = time.time()
     model.train()
-    micro = 0
     done = False
-    epoch_pending = False  # an epoch ended inside an accumulation window not applied yet
     for epoch in range(settings.epochs):
         batches = _batches(len(forget), settings.batch_size, rng)
-        for b_i, idx in enumerate(batches):
-            fb = _make_batch(adapter, forget, idx, needs_idk)
-            rb = None
-            if use_retain:
-                ridx = [rng.randrange(len(retain)) for _ in idx]
-                rb = adapter.collate([retain[i] for i in ridx], indices=ridx)
-            with acc.accumulate(model):
-                loss, logs = objective.loss(adapter, fb, rb)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at step {log.steps + 1}, epoch {epoch} of {objective.name}; "
-                        "lower train.lr, add a retain term, or reduce epochs"
-                    )
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-                    if bad:
+        windows = [batches[w: w + settings.grad_accum] for w in range(0, len(batches), settings.grad_accum)]
+        for w_i, window in enumerate(windows):
+            step = log.steps + 1
+            losses, window_logs = [], []
+            for m_i, idx in enumerate(window):
+                fb = _make_batch(adapter, forget, idx, needs_idk)
+                rb = None
+                if use_retain:
+                    ridx = [rng.randrange(len(retain)) for _ in idx]
+                    rb = adapter.collate([retain[i] for i in ridx], indices=ridx)
+                # gradients of a window are summed locally and synchronised once, on its last micro-batch
+                sync = contextlib.nullcontext() if m_i == len(window) - 1 else acc.no_sync(model)
+                with sync:
+                    loss, logs = objective.loss(adapter, fb, rb)
+                    if not torch.isfinite(loss):
                         raise TrainingDiverged(
-                            f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more) at step {log.steps + 1}, epoch {epoch}; "
-                            "lower train.lr (clipping cannot repair an infinite gradient)"
-                        )
-                    if settings.max_grad_norm:
-                        acc.clip_grad_norm_(params, settings.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            micro += 1
-            last_batch = b_i == len(batches) - 1
-            if acc.sync_gradients:
-                log.steps += 1
-                entry = {"step": log.steps, "epoch": epoch, "loss": round(loss.item(), 6),
-                         "lr": sched.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
-                log.history.append(entry)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if callback is not None:
-                    last = micro >= total_micro
-                    info = {**entry, "epoch_end": last_batch or epoch_pending or last, "last": last}
-                    epoch_pending = False
-                    if callback(log.steps, info) == "stop" and not last:
-                        log.stopped_early = log.steps
-                        done = True
-                        break
-            elif last_batch:
-                epoch_pending = True
-            if micro >= total_micro:
+                            f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch} of {objective.name}"
+                            f"{_nonfinite_weights(model)}; lower train.lr, add a retain term, or reduce epochs")
+                    acc.backward(loss / len(window))  # (the mean over the window's micro-batches)
+                losses.append(loss.item())
+                window_logs.append(logs)
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                raise TrainingDiverged(
+                    f"non-finite gradient in {bad[0]} (and {len(bad) - 1} more) at step {step}, epoch {epoch}; "
+                    "lower train.lr (clipping cannot repair an infinite gradient)")
+            if settings.max_grad_norm:
+                acc.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            log.steps = step
+            mean_logs = {k: sum(lg[k] for lg in window_logs) / len(window_logs) for k in window_logs[-1]}
+            entry = {"step": step, "epoch": epoch, "loss": round(sum(losses) / len(losses), 6),
+                     "lr": sched.get_last_lr()[0], **{k: round(v, 6) for k, v in mean_logs.items()}}
+            log.history.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            last = step >= total_steps
+            if callback is not None:
+                info = {**entry, "epoch_end": w_i == len(windows) - 1 or last, "last": last}
+                if callback(step, info) == "stop" and not last:
+                    log.stopped_early = step
+                    done = True
+            if last:
                 done = True
+            if done:
                 break
         if done:
             break
@@ -182,3 +187,9 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     adapter.model = acc.unwrap_model(model)
     log.seconds = time.time() - t0
     return log
+
+
+def _nonfinite_weights(model) -> str:
+    """``" (weights already non-finite: NAME)"`` for the first parameter holding NaN/Inf, else ``""``."""
+    bad = nonfinite_parameter(model)
+    return f" (weights already non-finite: {bad})" if bad else ""

@@ -128,6 +128,14 @@ class Adapter(abc.ABC):
 
         Cached: pass ``refresh=True`` after changing the weights in place."""
 
+    def identity(self) -> dict[str, str]:
+        """What decides this model's outputs, as strings: the class and :meth:`fingerprint`,
+        plus what a subclass adds (text: the tokenizer's fingerprint, the tokenisation mode
+        and the prompt template; image: the tokenizer and the noise scheduler). Two models
+        with the same identity give the same evaluation results, so it keys the evaluation
+        cache (:mod:`unlearn.evaluators.cache`)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "weights": self.fingerprint()}
+
     # ------------------------------------------------------------------ storage
     @abc.abstractmethod
     def save(self, path: str | Path) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters import weights_fingerprint
+from unlearn.adapters import first_line, tokenizer_fingerprint, weights_fingerprint
 from unlearn.adapters.base import WRAPPER_FILE, ImageModel
 from unlearn.zoo import zoo_path
 
@@ -141,11 +141,21 @@ class ImageAdapter(ImageModel):
         if not meta_file.is_file():
             raise ValueError(f"{source!r} is not an image-model directory: {meta_file} is missing "
                              "(write one with ImageAdapter.save)")
-        meta = json.loads(meta_file.read_text())
-        unet = UNet2DConditionModel.from_pretrained(where / "unet")
-        te = CLIPTextModel.from_pretrained(where / "text_encoder")
-        tok = AutoTokenizer.from_pretrained(where / "tokenizer")
-        sched = DDPMScheduler.from_pretrained(where / "scheduler")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"could not read {meta_file}: {first_line(e)}; write the model again with "
+                             "ImageAdapter.save") from None
+        parts = {}
+        for part, loader in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel),
+                             ("tokenizer", AutoTokenizer), ("scheduler", DDPMScheduler)):
+            try:
+                parts[part] = loader.from_pretrained(where / part)
+            except Exception as e:  # noqa: BLE001 -- corrupt, empty or missing files of one part
+                raise ValueError(f"could not load the {part} of image model {source!r} from {where / part}: "
+                                 f"{first_line(e)}; its files are missing, corrupt or incomplete -- save the model "
+                                 "again") from None
+        unet, te, tok, sched = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
         unet.eval()
         te.eval()
         kwargs.setdefault("timesteps_per_item", meta.get("timesteps_per_item", 1))
@@ -167,6 +177,14 @@ class ImageAdapter(ImageModel):
         if self._fingerprint is None or refresh:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
+
+    def identity(self) -> dict[str, str]:
+        """The weights plus the tokenizer's fingerprint, the noise scheduler's config and the
+        timesteps drawn per item."""
+        sched = json.dumps({k: str(v) for k, v in dict(self.scheduler.config).items()}, sort_keys=True)
+        return {**super().identity(), "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "scheduler": f"{type(self.scheduler).__name__} {sched}",
+                "timesteps_per_item": str(self.timesteps_per_item)}
 
     # ------------------------------------------------------------------ batches
     def tokenize(self, prompts: list[str]) -> torch.Tensor:

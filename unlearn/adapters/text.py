@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters import weights_fingerprint
+from unlearn.adapters import first_line, tokenizer_fingerprint, weights_fingerprint
 from unlearn.adapters.base import IGNORE, WRAPPER_FILE, TextModel
 from unlearn.zoo import zoo_path
 
@@ -119,14 +119,29 @@ class TextAdapter(TextModel):
         if (Path(where) / WRAPPER_FILE).is_file():
             raise ValueError(f"{source!r} holds a wrapped model ({WRAPPER_FILE}), which TextAdapter.load does not "
                              f"rebuild; load it with unlearn.models.load_model({source!r}, \"text\")")
-        try:
-            tok = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
-        except OSError as e:
-            raise ValueError(
-                f"could not load model {source!r}: not a local directory, and loading it as a hub id failed "
-                f"(offline machines need a local path). Cause: {str(e).splitlines()[0]}"
-            ) from None
+        if not Path(where).is_dir():
+            try:
+                tok = AutoTokenizer.from_pretrained(where)
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
+            except OSError as e:
+                raise ValueError(
+                    f"could not load model {source!r}: not a local directory, and loading it as a hub id failed "
+                    f"(offline machines need a local path). Cause: {first_line(e)}"
+                ) from None
+        else:
+            try:
+                tok = AutoTokenizer.from_pretrained(where)
+            except Exception as e:  # noqa: BLE001 -- any failure here is a bad or missing tokenizer file
+                raise ValueError(f"could not load the tokenizer of model {source!r} from {where}: {first_line(e)}; the "
+                                 "directory needs tokenizer.json (or the slow tokenizer's files) and "
+                                 "tokenizer_config.json, saved with the model") from None
+            try:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype])
+            except Exception as e:  # noqa: BLE001 -- corrupt, empty or mismatched weight/config files
+                files = ", ".join(sorted(f.name for f in Path(where).glob("*.safetensors"))) or "no *.safetensors"
+                raise ValueError(f"could not load the weights of model {source!r} from {where}: {first_line(e)}; the "
+                                 f"weight files ({files}) or config.json are corrupt, incomplete or do not belong "
+                                 "together -- save the model again") from None
         model.eval()
         return cls(model, tok, source=source, **kwargs)
 
@@ -153,6 +168,11 @@ class TextAdapter(TextModel):
         if self._fingerprint is None or refresh:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
+
+    def identity(self) -> dict[str, str]:
+        """The weights plus the tokenizer's fingerprint, the tokenisation mode and the prompt."""
+        return {**super().identity(), "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "tokenization": self.tokenization, "prompt_template": self.prompt_template}
 
     # ------------------------------------------------------------------ encoding
     def prompt(self, question: str) -> str:
