@@ -290,6 +290,9 @@ class TrainSpec:
                                                   "utility; visual: retain accuracy) falls below this fraction of "
                                                   "the target's, in (0, 1]; null: never")
     eval_max_items: int | None = _opt(100, help="items per split for the evaluations during training; null: all")
+    checkpoint_every: int | None = _opt(None, help="write a training checkpoint (weights, optimizer, scheduler, data "
+                                                   "position, RNG) every N optimizer steps, so that a killed run "
+                                                   "continues with --resume; null: none")
 
     @property
     def evaluates_during_training(self) -> bool:
@@ -297,7 +300,8 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "batch_size", "grad_accum")
-        _positive(self, "max_steps", "max_grad_norm", "eval_every", "eval_max_items", allow_none=True)
+        _positive(self, "max_steps", "max_grad_norm", "eval_every", "eval_max_items", "checkpoint_every",
+                  allow_none=True)
         if self.select_best != "last" and not self.evaluates_during_training:
             raise invalid("select_best", f"is {self.select_best!r}, which needs evaluations during training: "
                                          f"set {key_path('eval_every')} or {key_path('eval_every_epoch')}")
@@ -376,6 +380,8 @@ class OutputSpec:
 
     dir: str | None = _opt(None, help="run directory; null: runs/<name>")
     overwrite: bool = _opt(False, help="replace a finished run in dir (otherwise an error)")
+    resume: bool = _opt(False, help="continue the unfinished run of dir from its last complete checkpoint "
+                                    "(train.checkpoint_every); CLI: --resume")
 
     def __post_init__(self) -> None:
         if self.dir is not None and not self.dir.strip():

@@ -9,6 +9,7 @@ here knows a benchmark or a modality. See ``docs/architecture.md`` and ``docs/ha
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -22,6 +23,7 @@ import transformers
 import yaml
 
 from unlearn.adapters import nonfinite_parameter
+from unlearn.checkpoint import Checkpointing, checkpoint_recipe, drop_checkpoints
 from unlearn.config import RecipeError, to_dict
 from unlearn.editors import EditContext, Editor
 from unlearn.evaluators.attacks import ATTACKS, make_attack
@@ -82,7 +84,7 @@ def train_settings(tr) -> TrainSettings:
 
 
 def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | None = None,
-                 progress: bool = True) -> Applied:
+                 progress: bool = True, checkpointing: Checkpointing | None = None) -> Applied:
     """Apply an objective (through the parameter selection and the trainer, with the task's
     evaluation during training when ``train.eval_every``/``eval_every_epoch`` is set) or an
     editor (which returns the model to evaluate) to ``adapter``."""
@@ -108,8 +110,10 @@ def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | 
     train_eval = None
     if baseline is not None:
         train_eval = TrainEval(task, adapter, recipe.train, baseline=baseline, spill_dir=spill_dir)
+    if checkpointing is not None:
+        checkpointing.callback_state = train_eval
     log = train(adapter, method, data.forget, data.retain, settings, seed=recipe.seed, progress=progress,
-                callback=train_eval)
+                callback=train_eval, checkpointing=checkpointing)
     selected = train_eval.restore_best() if train_eval is not None else None
     changed = [n for n, p in adapter.model.named_parameters() if n in before and not (p == before[n]).all()]
     finalize_selection(adapter)
@@ -154,10 +158,44 @@ def _probe(probes: list, adapter, data, progress: bool, before: dict | None = No
     return out
 
 
+def _comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """The recipe as a resume must match it: all but ``output`` and ``model.threads``."""
+    out = {k: v for k, v in recipe_dict.items() if k != "output"}
+    out["model"] = {k: v for k, v in out.get("model", {}).items() if k != "threads"}
+    return out
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path} was {a!r}, now {b!r}"
+
+
+def _checkpointing(recipe, rd) -> Checkpointing | None:
+    """The trainer's checkpointing for this run (None when the recipe asks for none and nothing
+    is resumed); a resume with a recipe other than the one that started the run is refused."""
+    wanted = _comparable(json.loads(json.dumps(to_dict(recipe), default=str)))
+    if rd.resume_from is not None:
+        saved = checkpoint_recipe(rd.resume_from)
+        diff = _first_difference(_comparable(saved), wanted) if saved is not None else None
+        if diff:
+            raise ValueError(f"cannot resume {rd.resume_from}: the run was started with another recipe ({diff}); "
+                             "resume with the recipe that started it, or start again with output.overwrite=true")
+    every = recipe.train.checkpoint_every
+    if every is None and rd.resume_from is None:
+        return None
+    return Checkpointing(root=rd.path, every=every or 10 ** 12, resume_from=rd.resume_from, recipe=wanted)
+
+
 def finish_run(rd, recipe, adapter, metrics: dict[str, Any], prov: dict[str, Any], write) -> Path:
     """Write a finished run into its temporary directory -- the resolved ``recipe.yaml``,
     ``provenance.json``, the checkpoint (``train.save_checkpoint``), the report (``write()``)
     and ``metrics.json`` last (it marks the run finished) -- and move it into place."""
+    drop_checkpoints(rd.path)  # a finished run does not carry training state
     atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
     atomic_write_json(rd.path / "provenance.json", prov)
     if recipe.train.save_checkpoint:
@@ -181,16 +219,20 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         raise ValueError(f"method {recipe.method.name!r} is an editor (it returns a model rather than training the "
                          "target step by step): train.eval_every / train.eval_every_epoch / train.select_best do not "
                          "apply; remove them")
+    if isinstance(method, Editor) and recipe.train.checkpoint_every is not None:
+        raise ValueError(f"method {recipe.method.name!r} is an editor (it returns a model rather than training the "
+                         "target step by step): train.checkpoint_every does not apply; remove it")
     task = recipe.task.task_class(recipe, progress=progress)
     needs_original = _check_attacks(recipe, task.modality)
     probes = [make_probe(n, dict(recipe.eval.probe_params.get(n, {}))) for n in recipe.eval.probes]
     torch.set_num_threads(recipe.model.threads)
     set_seed(recipe.seed)
     t_start = time.time()
-    rd = RunDir(recipe.output_dir, overwrite=recipe.output.overwrite)
+    rd = RunDir(recipe.output_dir, overwrite=recipe.output.overwrite, resume=recipe.output.resume)
     for msg in rd.recovered:
         print(f"note: {msg}", file=sys.stderr)
     try:
+        checkpointing = _checkpointing(recipe, rd)
         # 1. data, the model, and what evaluation needs besides it (reference models, judges)
         data = task.load_data()
         if method.needs_retain() and data.retain is None:
@@ -211,7 +253,8 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         probes_before = _probe(probes, adapter, data, progress)  # before the method's setup touches weights
 
         # 3. unlearn: an objective through the trainer (with evaluation during training), or an editor
-        applied = apply_method(method, adapter, data, recipe, task=task, spill_dir=rd.path, progress=progress)
+        applied = apply_method(method, adapter, data, recipe, task=task, spill_dir=rd.path, progress=progress,
+                               checkpointing=checkpointing)
         adapter = applied.adapter
         bad = nonfinite_parameter(adapter.model)
         if bad is not None:  # an editor's closed form can diverge too; never evaluate or save such weights
@@ -249,6 +292,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
                        "kind": "editor" if isinstance(method, Editor) else "objective"},
             selection=applied.selection.to_dict() if applied.selection is not None else None,
             parameters_changed=len(applied.changed),
+            **({"resumed_from": rd.resume_from.name} if rd.resume_from is not None else {}),
             **({"output_recovered": rd.recovered} if rd.recovered else {}),
             **({"warnings": task.warnings} if task.warnings else {}),
         )
@@ -269,8 +313,13 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     except TrainingDiverged as e:
         rd.abort()
         raise TrainingDiverged(f"{e}; nothing was written to {str(recipe.output_dir)!r}") from None
-    except BaseException:
+    except Exception:
         rd.abort()
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: keep a complete training checkpoint for --resume
+        kept = rd.abort(keep_resumable=True)
+        if kept is not None:
+            print(f"note: stopped; continue from {kept.name} with --resume (output.resume=true)", file=sys.stderr)
         raise
     return RunResult(run_dir=final, summary=summary, metrics=metrics, recipe=recipe,
                      adapter=adapter if keep_model else None, task=task)

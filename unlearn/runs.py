@@ -18,7 +18,10 @@ Output safety (:class:`RunDir`):
   finished run is kept under a free sibling name and the error says where;
 * leftovers of killed runs (``.NAME.partial-*`` of a process that no longer holds the lock,
   ``.NAME.old-*`` of an interrupted commit) are found at the next start: an interrupted commit
-  is rolled back (the old run restored) and partial directories are removed, each reported.
+  is rolled back (the old run restored) and partial directories are removed, each reported;
+* an unfinished run that holds a complete training checkpoint (``train.checkpoint_every``,
+  :mod:`unlearn.checkpoint`) is never removed unasked: ``resume=True`` (``--resume``) adopts
+  it, ``overwrite=True`` discards it, anything else is an error naming it.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from unlearn._version import __version__
 DONE_MARKER = "metrics.json"
 RUN_MARKER = ".unlearn-run"  # written last-but-one: this directory is a run of this toolkit
 PARTIAL_MARKER = ".unlearn-partial"  # pid and start time of the process writing a partial directory
+RESUME_DIR = ".resume"  # training checkpoints inside an unfinished run (unlearn.checkpoint)
+CHECKPOINT_COMPLETE = "COMPLETE"  # written last into a checkpoint directory
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "diffusers", "lm_eval",
              "scikit-learn", "scipy", "rouge-score", "safetensors", "numpy")
 
@@ -114,6 +119,16 @@ def provenance(**extra: Any) -> dict[str, Any]:
             "platform": platform.platform(), "libraries": library_versions(), **extra}
 
 
+def latest_checkpoint(run_path: str | Path) -> Path | None:
+    """The newest complete training checkpoint of an unfinished run directory, or None."""
+    base = Path(run_path) / RESUME_DIR
+    if not base.is_dir():
+        return None
+    done = [d for d in base.iterdir() if d.is_dir() and d.name.startswith("step-") and not d.name.endswith(".tmp")
+            and (d / CHECKPOINT_COMPLETE).exists()]
+    return max(done, key=lambda d: d.name) if done else None
+
+
 class OutputError(ValueError):
     """An output directory that cannot be used: the message names it and the fix."""
 
@@ -182,15 +197,24 @@ class RunDir:
     after killed runs (see the module docstring); :meth:`commit` moves the finished run into
     place; :meth:`abort` removes the temporary directory. Either one releases the lock.
 
+    With ``resume=True`` an unfinished run that holds a complete training checkpoint
+    (``unlearn.checkpoint``) is adopted: :attr:`path` is its directory and
+    :attr:`resume_from` the newest checkpoint. Without it, such a run is an error (so that its
+    checkpoint is never deleted unasked) unless ``overwrite`` discards it.
+
     Raises:
         OutputError: the destination is a file, holds something that is not a finished run,
-            holds a finished run and ``overwrite`` is false, or another run is writing it.
+            holds a finished run and ``overwrite`` is false, another run is writing it, or it
+            has a resumable unfinished run and neither ``resume`` nor ``overwrite`` is set.
         OSError: the parent cannot be created or written (permissions, full disk).
     """
 
-    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False) -> None:
         self.final = Path(final)
         self.overwrite = overwrite
+        self.resume = resume
+        self.resume_from: Path | None = None  # the checkpoint to continue from (resume=True)
+        self._adopted: Path | None = None
         self.recovered: list[str] = []
         if self.final.exists() and not self.final.is_dir():
             raise OutputError(f"output.dir {str(self.final)!r} is a file, not a directory; choose another output.dir")
@@ -199,8 +223,13 @@ class RunDir:
         try:
             self._recover()
             self._check_destination()
-            self.path = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.partial-"))
-            os.chmod(self.path, 0o777 & ~_UMASK)  # as mkdir would make it (mkdtemp makes it private)
+            if self._adopted is not None:  # continue the killed run in its own directory
+                self.path = self._adopted
+            else:
+                if resume:
+                    self._report("no unfinished run with a complete checkpoint to resume; starting from the beginning")
+                self.path = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.partial-"))
+                os.chmod(self.path, 0o777 & ~_UMASK)  # as mkdir would make it (mkdtemp makes it private)
             (self.path / PARTIAL_MARKER).write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         except BaseException:
             self._lock.release()
@@ -254,6 +283,18 @@ class RunDir:
                 info = (part / PARTIAL_MARKER).read_text().strip()
             except OSError:
                 pass
+            ckpt = latest_checkpoint(part)
+            if ckpt is not None and not self.overwrite:
+                if not self.resume:
+                    raise OutputError(f"output.dir {str(self.final)!r} has an unfinished run that can be resumed "
+                                      f"({part.name}, checkpoint {ckpt.name}, {info or 'killed'}): continue it with "
+                                      "--resume (output.resume=true), or discard it with output.overwrite=true")
+                if self._adopted is None or ckpt.name > (latest_checkpoint(self._adopted) or ckpt).name:
+                    if self._adopted is not None:
+                        shutil.rmtree(self._adopted, ignore_errors=True)
+                    self._adopted, self.resume_from = part, ckpt
+                    self._report(f"resuming the run killed in {part.name} ({info or 'killed'}) from {ckpt.name}")
+                    continue
             shutil.rmtree(part, ignore_errors=True)
             self._report(f"removed {part.name}, the unfinished directory of a run that was killed"
                          + (f" ({info})" if info else ""))
@@ -311,10 +352,16 @@ class RunDir:
             i += 1
         return self.final.with_name(f"{self.final.name}-{i}")
 
-    def abort(self) -> None:
-        """Remove the temporary directory (a finished run moved aside by commit stays) and release the lock."""
+    def abort(self, keep_resumable: bool = False) -> Path | None:
+        """Remove the temporary directory (a finished run moved aside by commit stays) and release
+        the lock. With ``keep_resumable`` an unfinished run holding a complete training
+        checkpoint is kept for ``--resume``; returns that checkpoint, or None."""
         try:
             if self.path != self.final and (self.path / PARTIAL_MARKER).exists():
+                ckpt = latest_checkpoint(self.path) if keep_resumable else None
+                if ckpt is not None:
+                    return ckpt
                 shutil.rmtree(self.path, ignore_errors=True)
+            return None
         finally:
             self._lock.release()

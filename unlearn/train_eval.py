@@ -84,6 +84,26 @@ class TrainEval:
             return "stop"
         return None
 
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON state, tensors) for a training checkpoint: the curve, the best point and its
+        weights (when in memory; a spilled best state stays in the run directory's spill file)."""
+        doc = {"curve": self.curve, "best_index": self.best_index, "stop": self.stop, "seconds": self.seconds,
+               "spilled": self.best_index is not None and self.best_state is None}
+        tensors = {f"best.{i}": t for i, t in enumerate(self.best_state)} if self.best_state is not None else {}
+        return doc, tensors
+
+    def load_state_dict(self, doc: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s state (a resumed run)."""
+        if not doc:
+            return
+        self.curve, self.best_index, self.stop, self.seconds = doc["curve"], doc["best_index"], doc["stop"], doc["seconds"]
+        if self.best_index is not None and not doc.get("spilled"):
+            self.best_state = [tensors[f"best.{i}"].to(p.dtype) for i, p in enumerate(self.params)]
+        elif self.best_index is not None and not self.spill_path.exists():
+            raise ValueError(f"the checkpoint's best training state was spilled to {self.spill_path}, which is gone; "
+                             "the run cannot be resumed -- start it again with output.overwrite=true")
+
     # -- best state --------------------------------------------------------------------------
     def _snapshot(self, index: int) -> None:
         state = [p.detach().clone() for p in self.params]

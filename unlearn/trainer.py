@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.adapters import nonfinite_parameter
+from unlearn.checkpoint import Checkpointing, TrainState, load_checkpoint, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,7 +74,8 @@ def _make_batch(adapter, items: list[dict], idx: list[int], needs_idk: bool) -> 
 
 def train(adapter, objective, forget: list[dict], retain: list[dict] | None, settings: TrainSettings, *,
           seed: int = 0, progress: bool = True,
-          callback: Callable[[int, dict], str | None] | None = None) -> TrainLog:
+          callback: Callable[[int, dict], str | None] | None = None,
+          checkpointing: Checkpointing | None = None) -> TrainLog:
     """Run the unlearning loop in place on ``adapter.model``; returns the training log.
 
     Args:
@@ -88,6 +90,10 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
             ``last`` (no further step follows). Returning ``"stop"`` ends training cleanly after
             this step (``TrainLog.stopped_early`` records the step); any other return value
             is ignored.
+        checkpointing: write a checkpoint every ``checkpointing.every`` steps (optimizer,
+            scheduler, data position, RNG states, history, the callback's state), and/or
+            continue from ``checkpointing.resume_from``: the continued run takes the same
+            steps, on the same batches, as an uninterrupted one (:mod:`unlearn.checkpoint`).
     Raises:
         TrainingDiverged: on a NaN/Inf loss or gradient.
     """
@@ -130,10 +136,26 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     t0 = time.time()
     model.train()
     done = False
-    for epoch in range(settings.epochs):
-        batches = _batches(len(forget), settings.batch_size, rng)
+    start_epoch, skip, pending, seconds_before = 0, 0, None, 0.0
+    if checkpointing is not None and checkpointing.resume_from is not None:
+        ts, extra = load_checkpoint(checkpointing.resume_from, acc.unwrap_model(model), opt)
+        sched.load_state_dict({**sched.state_dict(), **ts.scheduler})
+        rng.setstate(ts.rng)
+        log.steps, log.history, seconds_before = ts.step, ts.history, ts.seconds
+        start_epoch, skip, pending = ts.epoch, ts.window, ts.batches
+        if checkpointing.callback_state is not None:
+            checkpointing.callback_state.load_state_dict(ts.extras.get("callback"), extra)
+        bar.update(ts.step)
+        done = ts.step >= total_steps
+    for epoch in range(start_epoch, settings.epochs):
+        if done:
+            break
+        batches = pending if pending is not None else _batches(len(forget), settings.batch_size, rng)
+        pending = None
         windows = [batches[w: w + settings.grad_accum] for w in range(0, len(batches), settings.grad_accum)]
         for w_i, window in enumerate(windows):
+            if w_i < skip:  # resumed: these windows were trained before the checkpoint
+                continue
             step = log.steps + 1
             losses, window_logs = [], []
             for m_i, idx in enumerate(window):
@@ -180,13 +202,27 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                 done = True
             if done:
                 break
+            if checkpointing is not None and step % checkpointing.every == 0:
+                _checkpoint(checkpointing, acc.unwrap_model(model), opt, sched, rng, log,
+                            (epoch, w_i + 1, batches) if w_i + 1 < len(windows) else (epoch + 1, 0, None),
+                            seconds_before + time.time() - t0)
+        skip = 0
         if done:
             break
     bar.close()
     model.eval()
     adapter.model = acc.unwrap_model(model)
-    log.seconds = time.time() - t0
+    log.seconds = seconds_before + time.time() - t0
     return log
+
+
+def _checkpoint(ck: Checkpointing, model, opt, sched, rng, log: TrainLog, position, seconds: float) -> None:
+    """Write the state after ``log.steps`` (``position``: epoch, window, batches of the next window)."""
+    cb_json, cb_tensors = ck.callback_state.state_dict() if ck.callback_state is not None else (None, {})
+    epoch, window, batches = position
+    ts = TrainState(step=log.steps, epoch=epoch, window=window, batches=batches, rng=rng.getstate(),
+                    history=log.history, seconds=seconds, scheduler=sched.state_dict(), extras={"callback": cb_json})
+    save_checkpoint(ck.root, ts, model, opt, recipe=ck.recipe, extra_tensors=cb_tensors)
 
 
 def _nonfinite_weights(model) -> str:
