@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unlearn._version import __version__
+from unlearn.distributed import all_true, is_main
 from unlearn.data import items_fingerprint
 from unlearn.runs import atomic_write_text
 from unlearn.zoo import cache_dir
@@ -59,17 +60,23 @@ def cached_result(cache_dir: str | Path | None, parts: dict[str, Any], splits: d
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"{cache_key(parts, splits)}.json"
+    res = None
     if path.exists():
         try:
             res = json.loads(path.read_text())
-            if isinstance(res, dict) and res:
-                return res
-            problem = "not a result"
+            if not (isinstance(res, dict) and res):
+                res, problem = None, "not a result"
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warnings.warn(f"discarded the unreadable evaluation cache entry {path} ({problem}); recomputing",
-                      RuntimeWarning, stacklevel=2)
-        path.unlink(missing_ok=True)
+            res, problem = None, (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if res is None:
+            warnings.warn(f"discarded the unreadable evaluation cache entry {path} ({problem}); recomputing",
+                          RuntimeWarning, stacklevel=2)
+            if is_main():
+                path.unlink(missing_ok=True)
+    # with several processes, a hit must be a hit everywhere: the computation is shared between them
+    if all_true(res is not None):
+        return res
     res = compute()
-    atomic_write_text(path, json.dumps(res))
+    if is_main():
+        atomic_write_text(path, json.dumps(res))
     return res

@@ -18,6 +18,10 @@ Three kinds of metric:
 
 Results are plain JSON-able dicts: per split ``{"metrics": {name: MetricResult.to_dict()},
 ...extras}``, with the protocol settings recorded next to them.
+
+With several processes every pass runs on ``items[rank::N]`` and its per-item outputs are
+gathered back in item order (:func:`unlearn.distributed.run_sharded`): the metrics are those
+of one process, each item is seen once (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
+from unlearn.distributed import run_sharded, world
 from unlearn.evaluators.base import MetricResult, MetricSpec
 
 
@@ -88,9 +93,15 @@ class PassStore:
         if len(todo) < 2:
             return False
         t0 = time.time()
-        outs = type(req).run_joint(self.adapter, self.items, todo, self.batch_size)
-        if outs is None:
+
+        def joint(items):
+            outs = type(req).run_joint(self.adapter, items, todo, self.batch_size)
+            return None if outs is None else {str(i): o for i, o in enumerate(outs)}
+
+        by_index = run_sharded(joint, self.items)  # shared between processes, if several
+        if by_index is None:
             return False
+        outs = [by_index[str(i)] for i in range(len(todo))]
         for r, out in zip(todo, outs):
             self.results[r.group()] = out
         self.seconds[f"joint:{':'.join(map(str, key))}:{len(todo)}"] = round(time.time() - t0, 3)
@@ -104,7 +115,7 @@ class PassStore:
             todo = self.planned.get(g)
             todo = req if todo is None else todo.merge(req)
             t0 = time.time()
-            self.results[g] = todo.run(self.adapter, self.items, self.batch_size)
+            self.results[g] = run_sharded(lambda items: todo.run(self.adapter, items, self.batch_size), self.items)
             self.seconds[str(g)] = round(time.time() - t0, 3)
         return self.results[g]
 
@@ -254,6 +265,7 @@ def evaluate(adapter, splits: dict[str, list[dict]], suite: Suite, *, batch_size
             res["multi"][mm.name]["split_sizes"] = {s: len(splits[s]) for s in mm.splits}
     res["passes"] = {name: {"count": st.n_passes, "seconds": st.seconds} for name, st in stores.items()}
     res["seconds"] = round(time.time() - t0, 2)
+    res["processes"] = world()[1]  # each pass ran on 1/processes of the items in each process
     return res
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 import transformers
 import yaml
 
+from unlearn import distributed
 from unlearn.adapters import nonfinite_parameter
 from unlearn.checkpoint import Checkpointing, checkpoint_recipe, drop_checkpoints
 from unlearn.config import RecipeError, to_dict
@@ -30,7 +33,7 @@ from unlearn.evaluators.attacks import ATTACKS, make_attack
 from unlearn.probes import make_probe, probe_after, probe_before
 from unlearn.recipe import Recipe, load_recipe, resolve_method
 from unlearn.report import write_report
-from unlearn.runs import RunDir, atomic_write_json, atomic_write_text, provenance
+from unlearn.runs import OutputError, RunDir, atomic_write_json, atomic_write_text, provenance
 from unlearn.selection import apply_selection, finalize_selection
 from unlearn.train_eval import TrainEval
 from unlearn.trainer import TrainingDiverged, TrainLog, TrainSettings, train
@@ -191,10 +194,51 @@ def _checkpointing(recipe, rd) -> Checkpointing | None:
     return Checkpointing(root=rd.path, every=every or 10 ** 12, resume_from=rd.resume_from, recipe=wanted)
 
 
+class ScratchDir:
+    """What a process other than the main one has instead of a :class:`RunDir`: a private
+    scratch directory (for spilled training states), removed at the end; it writes no run."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.path = Path(tempfile.mkdtemp(prefix="unlearn-rank-"))
+        self.recovered: list[str] = []
+        self.resume_from = None
+
+    def commit(self) -> Path:
+        distributed.barrier()  # returns once the main process has written the run
+        shutil.rmtree(self.path, ignore_errors=True)
+        return self.final
+
+    def abort(self, keep_resumable: bool = False):
+        shutil.rmtree(self.path, ignore_errors=True)
+        return None
+
+
+def open_run_dir(final: Path, *, overwrite: bool, resume: bool):
+    """The run directory: a :class:`RunDir` on the main process, a :class:`ScratchDir` on the
+    others. With several processes, a refusal on the main process is raised on every one."""
+    if distributed.world()[1] == 1:
+        return RunDir(final, overwrite=overwrite, resume=resume)
+    rd, err = None, None
+    if distributed.is_main():
+        try:
+            rd = RunDir(final, overwrite=overwrite, resume=resume)
+        except (ValueError, OSError) as e:
+            err = e
+    msg = distributed.broadcast(None if err is None else str(err))
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise OutputError(msg)
+    return rd if rd is not None else ScratchDir(final)
+
+
 def finish_run(rd, recipe, adapter, metrics: dict[str, Any], prov: dict[str, Any], write) -> Path:
     """Write a finished run into its temporary directory -- the resolved ``recipe.yaml``,
     ``provenance.json``, the checkpoint (``train.save_checkpoint``), the report (``write()``)
     and ``metrics.json`` last (it marks the run finished) -- and move it into place."""
+    if isinstance(rd, ScratchDir):  # not the main process: the main one writes
+        return rd.commit()
     drop_checkpoints(rd.path)  # a finished run does not carry training state
     atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
     atomic_write_json(rd.path / "provenance.json", prov)
@@ -202,7 +246,9 @@ def finish_run(rd, recipe, adapter, metrics: dict[str, Any], prov: dict[str, Any
         adapter.save(rd.path / "checkpoint")
     write()
     atomic_write_json(rd.path / "metrics.json", metrics)
-    return rd.commit()
+    final = rd.commit()
+    distributed.barrier()  # the other processes return once the run is written
+    return final
 
 
 def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False) -> RunResult:
@@ -210,8 +256,13 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     optional ``--set``-style overrides."""
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    distributed.init()  # several processes under accelerate launch: join them (one process: nothing)
+    progress = progress and distributed.is_main()
     # a Recipe object is validated again: it may have been edited in Python since it was loaded
     recipe = load_recipe(recipe, list(overrides))
+    if distributed.world()[1] > 1 and (recipe.train.checkpoint_every is not None or recipe.output.resume):
+        raise ValueError("train.checkpoint_every / --resume work in one process only for now; remove them or run "
+                         "without accelerate launch")
     # 0. the method and the task; everything a recipe can get wrong is checked before any model loads
     method_cls, method_config = resolve_method(recipe)
     method = method_cls(method_config)
@@ -228,7 +279,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     torch.set_num_threads(recipe.model.threads)
     set_seed(recipe.seed)
     t_start = time.time()
-    rd = RunDir(recipe.output_dir, overwrite=recipe.output.overwrite, resume=recipe.output.resume)
+    rd = open_run_dir(recipe.output_dir, overwrite=recipe.output.overwrite, resume=recipe.output.resume)
     for msg in rd.recovered:
         print(f"note: {msg}", file=sys.stderr)
     try:
@@ -240,7 +291,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         adapter = task.load_model()
         target_fp = adapter.fingerprint()
         task.prepare(data, adapter)
-        for msg in task.warnings:
+        for msg in task.warnings if distributed.is_main() else ():
             print(f"warning: {msg}", file=sys.stderr)
 
         # 2. the target, before anything changes: evaluation, what the report shows, attacks, probes

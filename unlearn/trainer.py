@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from unlearn.adapters import nonfinite_parameter
 from unlearn.checkpoint import Checkpointing, TrainState, load_checkpoint, save_checkpoint
+from unlearn.distributed import all_true, mean_over_processes, world
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,7 +98,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     Raises:
         TrainingDiverged: on a NaN/Inf loss or gradient.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_scheduler
 
     if not forget:
@@ -113,7 +114,16 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     if total_steps < 1:
         raise ValueError(f"this training would take 0 optimizer steps (train.epochs={settings.epochs}, "
                          f"train.max_steps={settings.max_steps}); set both to at least 1")
-    acc = Accelerator(cpu=True)
+    rank, n_proc = world()
+    if settings.batch_size < n_proc:
+        raise ValueError(f"train.batch_size={settings.batch_size} is smaller than the {n_proc} processes: each "
+                         "process takes its share of every batch (train.batch_size is the global batch)")
+    if checkpointing is not None and n_proc > 1:
+        raise ValueError("train.checkpoint_every / --resume work in one process only for now; remove them or run "
+                         "without accelerate launch")
+    # several processes: DDP; parameters outside the loss's graph (RMU's upper layers) are searched for
+    unused = objective.uses_part_of_the_model()
+    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -132,7 +142,8 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     needs_idk = objective.needs_idk()
     use_retain = retain is not None and objective.needs_retain()
     log = TrainLog(seed=seed)
-    bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, mininterval=1)
+    bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress or rank != 0,
+               mininterval=1)
     t0 = time.time()
     model.train()
     done = False
@@ -159,16 +170,18 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
             step = log.steps + 1
             losses, window_logs = [], []
             for m_i, idx in enumerate(window):
-                fb = _make_batch(adapter, forget, idx, needs_idk)
+                # one process: the whole batch; several: this process's share (the rng draws the
+                # whole batch's retain items everywhere, so every process keeps the same stream)
+                fb = _make_batch(adapter, forget, idx[rank::n_proc], needs_idk)
                 rb = None
                 if use_retain:
-                    ridx = [rng.randrange(len(retain)) for _ in idx]
+                    ridx = [rng.randrange(len(retain)) for _ in idx][rank::n_proc]
                     rb = adapter.collate([retain[i] for i in ridx], indices=ridx)
                 # gradients of a window are summed locally and synchronised once, on its last micro-batch
                 sync = contextlib.nullcontext() if m_i == len(window) - 1 else acc.no_sync(model)
                 with sync:
                     loss, logs = objective.loss(adapter, fb, rb)
-                    if not torch.isfinite(loss):
+                    if not all_true(bool(torch.isfinite(loss))):  # every process stops, or none
                         raise TrainingDiverged(
                             f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch} of {objective.name}"
                             f"{_nonfinite_weights(model)}; lower train.lr, add a retain term, or reduce epochs")
@@ -187,7 +200,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
             opt.zero_grad(set_to_none=True)
             log.steps = step
             mean_logs = {k: sum(lg[k] for lg in window_logs) / len(window_logs) for k in window_logs[-1]}
-            entry = {"step": step, "epoch": epoch, "loss": round(sum(losses) / len(losses), 6),
+            entry = {"step": step, "epoch": epoch, "loss": round(mean_over_processes(sum(losses) / len(losses)), 6),
                      "lr": sched.get_last_lr()[0], **{k: round(v, 6) for k, v in mean_logs.items()}}
             log.history.append(entry)
             bar.update(1)
@@ -195,7 +208,12 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
             last = step >= total_steps
             if callback is not None:
                 info = {**entry, "epoch_end": w_i == len(windows) - 1 or last, "last": last}
-                if callback(step, info) == "stop" and not last:
+                adapter.model = acc.unwrap_model(model)  # the callback evaluates (generates) with the bare model
+                try:
+                    verdict = callback(step, info)
+                finally:
+                    adapter.model = model
+                if verdict == "stop" and not last:
                     log.stopped_early = step
                     done = True
             if last:

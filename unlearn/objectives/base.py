@@ -50,6 +50,11 @@ class Objective:
         """True if forget items need an ``idk`` answer (a refusal drawn from the task's list)."""
         return False
 
+    def uses_part_of_the_model(self) -> bool:
+        """True if the loss leaves some trainable parameters out of its graph (e.g. RMU stops at
+        one layer). Several processes (DDP) then look for unused parameters on every step."""
+        return False
+
     # -- the work ---------------------------------------------------------------------------
     def setup(self, adapter, reference, forget_items: list[dict]) -> None:
         """Called once before training: precompute what depends only on the reference

@@ -48,12 +48,14 @@ Unlearning" (arXiv:2403.03218).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from unlearn.objectives.base import Objective, ObjectiveConfig
+from unlearn.probes.concept_vectors import mlp_down_proj
 
 
 @dataclass
@@ -76,22 +78,31 @@ class RMUConfig(ObjectiveConfig):
             raise ValueError("alpha must be >= 0")
 
 
-def rmu_param_pattern(layer: int, n_layers: int = 3) -> str:
+def rmu_param_pattern(layer: int, n_layers: int = 3, model=None) -> str:
     """Regex (for ``re.search``) matching the MLP down-projections of layers ``layer-n_layers+1 .. layer``.
 
     ``rmu_param_pattern(2)`` -> ``'model\\.layers\\.(0|1|2)\\.mlp\\.down_proj\\.weight$'``
-    (Llama-style names; ``layers.1`` never matches ``layers.11``).
+    (Llama-style names; ``layers.1`` never matches ``layers.11``). With ``model`` the names are
+    that model's own down-projection weights, found per family
+    (:func:`~unlearn.probes.concept_vectors.mlp_down_proj`: GPT-2 ``transformer.h.<l>.mlp.c_proj``,
+    GPT-NeoX ``gpt_neox.layers.<l>.mlp.dense_4h_to_h``, ...); a mixture-of-experts layer among
+    them raises ValueError naming the model (RMU's selection trains one dense down-projection per layer).
     """
     if layer < 0 or n_layers < 1:
         raise ValueError(f"need layer >= 0 and n_layers >= 1, got layer={layer}, n_layers={n_layers}")
-    ids = "|".join(str(i) for i in range(max(0, layer - n_layers + 1), layer + 1))
-    return rf"model\.layers\.({ids})\.mlp\.down_proj\.weight$"
+    layers = range(max(0, layer - n_layers + 1), layer + 1)
+    if model is None:
+        ids = "|".join(str(i) for i in layers)
+        return rf"model\.layers\.({ids})\.mlp\.down_proj\.weight$"
+    names = {id(p): n for n, p in model.named_parameters()}
+    return "^(" + "|".join(re.escape(names[id(mlp_down_proj(model, i)[0].weight)]) for i in layers) + ")$"
 
 
-def rmu_selection(layer: int = 2, n_layers: int = 3) -> dict:
+def rmu_selection(layer: int = 2, n_layers: int = 3, model=None) -> dict:
     """RMU's default parameter selection, ready for ``apply_selection(adapter, **rmu_selection())``
-    or a recipe's ``method.selection``: ``{"name": "regex", "params": {"pattern": ...}}``."""
-    return {"name": "regex", "params": {"pattern": rmu_param_pattern(layer, n_layers)}}
+    or a recipe's ``method.selection``: ``{"name": "regex", "params": {"pattern": ...}}``. Give
+    ``model`` for a family whose parameter names are not Llama's (see :func:`rmu_param_pattern`)."""
+    return {"name": "regex", "params": {"pattern": rmu_param_pattern(layer, n_layers, model)}}
 
 
 def _masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,9 @@ class RMU(Objective):
     name = "rmu"
     Config = RMUConfig
     paper = "Li et al., 2024, The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning (arXiv:2403.03218)"
+
+    def uses_part_of_the_model(self) -> bool:
+        return True  # the activations of one layer: the layers above it get no gradient
 
     def __init__(self, config: RMUConfig | None = None) -> None:
         super().__init__(config)
