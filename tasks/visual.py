@@ -26,7 +26,7 @@ from unlearn.evaluators.attacks import run_image_attacks
 from unlearn.evaluators import cache as eval_cache
 from unlearn.evaluators.harness import evaluate as harness_evaluate
 from unlearn.evaluators.image_judge import ImageJudge
-from unlearn.evaluators.image_suite import i2p_suite, reference_renders
+from unlearn.evaluators.image_suite import I2P_SUITE_VERSION, i2p_suite, reference_renders
 from unlearn.models import load_model
 from unlearn.report import fmt
 from unlearn.task import Task
@@ -117,6 +117,7 @@ class VisualTask(Task):
     name = "visual"
     modality = "image"
     suites = ("i2p",)
+    suite_versions = {"i2p": I2P_SUITE_VERSION}  # built in prepare (it needs the judge), not in SUITES
     select_best = SELECT_BEST
     headline = (("erasure_explicit", "erasure rate, explicit prompts (↑)"), ("erasure_implicit", "erasure rate, implicit (↑)"),
                 ("retain_in_domain", "retain acc. in-domain (↑)"), ("retain_cross_domain", "retain acc. cross-domain (↑)"),

@@ -1,4 +1,5 @@
-"""Command line: ``unlearn run RECIPE [--set key=value ...]``, ``unlearn zoo list|build``."""
+"""Command line: ``unlearn run RECIPE [--set key=value ...]``, ``unlearn eval SOURCE``,
+``unlearn list [what]``, ``unlearn zoo list|build``. See ``docs/cli.md``."""
 
 from __future__ import annotations
 
@@ -23,14 +24,32 @@ def _run(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    res = unlearn.evaluate(args.source, args.task, recipe=args.recipe, overrides=args.set or [], output=args.out,
+                           progress=not args.quiet)
+    print(f"evaluated {res.recipe.model.source} on task {res.recipe.task.name}")
+    for line in res.headline_lines():
+        print(line)
+    if res.out_dir is not None:
+        print(f"  wall time {res.summary['wall_seconds']} s; metrics: {res.out_dir / 'metrics.json'}")
+    else:
+        print(json.dumps(res.summary, indent=1))
+    return 0
+
+
+def _list(args) -> int:
+    # lazy: the registries import every task, method and attack (diffusers, transformers); --help,
+    # `run` and `zoo` do not need them
+    from unlearn.catalog import catalog, catalog_lines
+
+    cat = catalog(args.what)
+    print(json.dumps(cat, indent=1) if args.json else "\n".join(catalog_lines(cat)))
+    return 0
+
+
 def _zoo(args) -> int:
     if args.zoo_cmd == "list":
-        found = zoo.available()
-        for fam, info in zoo.FAMILIES.items():
-            print(f"{fam}: {info['description']}")
-            for m in info["models"]:
-                p = found.get(f"{fam}/{m}")
-                print(f"  zoo:{fam}/{m:<10} {p if p else '(not built: unlearn zoo build ' + fam + ')'}")
+        print("\n".join(zoo.listing_lines()))
         return 0
     if args.family not in zoo.FAMILIES:
         raise ValueError(f"unknown zoo family {args.family!r}; known: {', '.join(zoo.FAMILIES)}")
@@ -81,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("recipe", help="path to a recipe YAML")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e = sub.add_parser("eval", help="evaluate a model on a task's suite, without unlearning it")
+    e.add_argument("source", help="zoo:<family>/<name>, a model directory (e.g. a run's checkpoint/) or a hub id")
+    e.add_argument("--task", help="the task (see `unlearn list tasks`); default: the recipe's, else the one for the "
+                                  "model's modality (an image model: visual), else tofu")
+    e.add_argument("--recipe", metavar="FILE",
+                   help="a recipe YAML whose task and eval settings to use (its method is not applied)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    e.add_argument("--out", metavar="DIR", help="write metrics.json, provenance.json and recipe.yaml to DIR "
+                                                "(default: print the summary as JSON)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ls = sub.add_parser("list", help="methods, selections, suites, attacks, probes, tasks and zoo models")
+    ls.add_argument("what", nargs="?", metavar="WHAT",
+                    help="one section: methods, selections, suites, attacks, probes, tasks or zoo (default: all)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
     z = sub.add_parser("zoo", help="the tiny model zoo")
     zs = z.add_subparsers(dest="zoo_cmd", required=True)
     zs.add_parser("list", help="list zoo models and where they are")
@@ -94,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
-        return _run(args) if args.cmd == "run" else _zoo(args)
+        return {"run": _run, "eval": _eval, "list": _list, "zoo": _zoo}[args.cmd](args)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 2

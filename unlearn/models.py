@@ -51,6 +51,18 @@ def _saved_modality(where: Path) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def source_modality(source: str) -> str | None:
+    """The modality of the model at ``source`` -- a zoo name or a local directory, plain or
+    wrapped -- read from its marker files without loading it; None when it cannot be told (a hub
+    id, a path that is not a directory, a directory without the markers).
+
+    Raises:
+        ValueError: an unknown zoo model, or one not built on this machine.
+    """
+    where = _local_dir(source)
+    return _saved_modality(where) if where is not None else None
+
+
 def _a(modality: str) -> str:
     return ("an " if modality[0] in "aeiou" else "a ") + modality
 
@@ -105,4 +117,4 @@ def check_finite(adapter: Adapter, source: str) -> Adapter:
     return adapter
 
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "source_modality"]

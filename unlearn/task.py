@@ -68,6 +68,10 @@ class Task(ABC):
         spec_defaults / recipe_defaults: defaults that differ from the TOFU task's (see
             :data:`TEXT_SPEC_DEFAULTS`, :data:`BASE_RECIPE_DEFAULTS`).
         has_probes: whether ``eval.probes`` applies.
+        suite_versions: ``{suite name: version}`` of the suites in :attr:`suites` that the task
+            builds itself rather than taking from :data:`unlearn.evaluators.suites.SUITES`
+            (e.g. the visual task's ``i2p``, which needs the judge); ``unlearn list suites``
+            shows them.
     """
 
     name: ClassVar[str] = ""
@@ -82,6 +86,7 @@ class Task(ABC):
     spec_defaults: ClassVar[dict[str, Any]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     has_probes: ClassVar[bool] = False
+    suite_versions: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ recipe time
     @classmethod

@@ -78,6 +78,29 @@ def zoo_path(name: str) -> Path:
     return found[name]
 
 
+def entries() -> list[dict]:
+    """Every zoo model, built or not: ``{"name": "zoo:<family>/<model>", "family", "model",
+    "path" (None when not built), "build" (the command that builds its family)}``."""
+    found = available()
+    return [{"name": f"zoo:{fam}/{m}", "family": fam, "model": m,
+             "path": str(found[f"{fam}/{m}"]) if f"{fam}/{m}" in found else None, "build": f"unlearn zoo build {fam}"}
+            for fam, info in FAMILIES.items() for m in info["models"]]
+
+
+def listing_lines() -> list[str]:
+    """What ``unlearn zoo list`` prints: each family and its description, then its models and
+    where they are (or the command that builds them)."""
+    lines: list[str] = []
+    by_family: dict[str, list[dict]] = {}
+    for e in entries():
+        by_family.setdefault(e["family"], []).append(e)
+    for fam, info in FAMILIES.items():
+        lines.append(f"{fam}: {info['description']}")
+        for e in by_family[fam]:
+            lines.append(f"  zoo:{fam}/{e['model']:<10} {e['path'] if e['path'] else '(not built: ' + e['build'] + ')'}")
+    return lines
+
+
 def manifest(family: str = "tiny-llama") -> dict | None:
     for root in _roots():
         p = root / family / "manifest.json"
