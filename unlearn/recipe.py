@@ -62,6 +62,11 @@ def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
             raise invalid(name, f"must be > 0, got {value}")
 
 
+# accelerate's trackers (accelerate.utils.LoggerType, less "all"), and the package each one needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet_ml",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
 # -- sections ---------------------------------------------------------------------------------
 @dataclass
 class ModelSpec:
@@ -290,6 +295,10 @@ class TrainSpec:
                                                   "utility; visual: retain accuracy) falls below this fraction of "
                                                   "the target's, in (0, 1]; null: never")
     eval_max_items: int | None = _opt(100, help="items per split for the evaluations during training; null: all")
+    report_to: list[str] = _opt(factory=list, help="experiment trackers through accelerate (tensorboard, wandb, mlflow, "
+                                                   "aim, comet_ml, clearml, dvclive, swanlab, trackio): the loss and "
+                                                   "the evaluations during training, logged under <run>/trackers; "
+                                                   "wandb runs offline unless WANDB_MODE says otherwise")
     checkpoint_every: int | None = _opt(None, help="write a training checkpoint (weights, optimizer, scheduler, data "
                                                    "position, RNG) every N optimizer steps, so that a killed run "
                                                    "continues with --resume; null: none")
@@ -302,6 +311,13 @@ class TrainSpec:
         _positive(self, "epochs", "lr", "batch_size", "grad_accum")
         _positive(self, "max_steps", "max_grad_norm", "eval_every", "eval_max_items", "checkpoint_every",
                   allow_none=True)
+        known = [t for t in TRACKERS]
+        for i, name in enumerate(self.report_to):
+            if name not in known:
+                raise invalid(f"report_to[{i}]", f"is {name!r}, not a tracker accelerate knows; allowed: "
+                                                 f"{', '.join(known)}" + suggest(name, known))
+        if len(set(self.report_to)) != len(self.report_to):
+            raise invalid("report_to", f"names a tracker twice: {self.report_to}")
         if self.select_best != "last" and not self.evaluates_during_training:
             raise invalid("select_best", f"is {self.select_best!r}, which needs evaluations during training: "
                                          f"set {key_path('eval_every')} or {key_path('eval_every_epoch')}")

@@ -9,7 +9,9 @@ here knows a benchmark or a modality. See ``docs/architecture.md`` and ``docs/ha
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 import shutil
 import sys
@@ -31,7 +33,7 @@ from unlearn.config import RecipeError, to_dict
 from unlearn.editors import EditContext, Editor
 from unlearn.evaluators.attacks import ATTACKS, make_attack
 from unlearn.probes import make_probe, probe_after, probe_before
-from unlearn.recipe import Recipe, load_recipe, resolve_method
+from unlearn.recipe import TRACKERS, Recipe, load_recipe, resolve_method
 from unlearn.report import write_report
 from unlearn.runs import OutputError, RunDir, atomic_write_json, atomic_write_text, provenance
 from unlearn.selection import apply_selection, finalize_selection
@@ -79,11 +81,37 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_settings(tr) -> TrainSettings:
-    """The trainer's settings from the recipe's ``train`` section."""
+def train_settings(tr, recipe=None, tracking_dir: Path | None = None) -> TrainSettings:
+    """The trainer's settings from the recipe's ``train`` section (``recipe`` and
+    ``tracking_dir``: what the trackers of ``train.report_to`` record, and where)."""
+    trackers = {}
+    if recipe is not None and tr.report_to:
+        trackers = dict(report_to=tuple(tr.report_to), tracking_dir=str(tracking_dir), run_name=recipe.name,
+                        tracker_config=_flat(to_dict(recipe)))
     return TrainSettings(epochs=tr.epochs, max_steps=tr.max_steps, lr=tr.lr, batch_size=tr.batch_size,
                          grad_accum=tr.grad_accum, optimizer=tr.optimizer, weight_decay=tr.weight_decay,
-                         scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm)
+                         scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
+                         **trackers)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as flat ``section.key`` scalars (lists and nulls as text), as trackers want them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def check_trackers(names) -> None:
+    """Each tracker of ``train.report_to`` needs its package; say which is missing before anything runs."""
+    missing = [n for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
+    if missing:
+        raise ValueError(f"train.report_to names {', '.join(missing)}, whose package is not installed: "
+                         f"pip install {' '.join(TRACKERS[n] for n in missing)}")
 
 
 def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | None = None,
@@ -91,7 +119,7 @@ def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | 
     """Apply an objective (through the parameter selection and the trainer, with the task's
     evaluation during training when ``train.eval_every``/``eval_every_epoch`` is set) or an
     editor (which returns the model to evaluate) to ``adapter``."""
-    settings = train_settings(recipe.train)
+    settings = train_settings(recipe.train, recipe, Path(spill_dir) / "trackers" if spill_dir is not None else None)
     t0 = time.time()
     if isinstance(method, Editor):
         before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
@@ -273,6 +301,9 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     if isinstance(method, Editor) and recipe.train.checkpoint_every is not None:
         raise ValueError(f"method {recipe.method.name!r} is an editor (it returns a model rather than training the "
                          "target step by step): train.checkpoint_every does not apply; remove it")
+    check_trackers(recipe.train.report_to)
+    if recipe.train.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")  # offline machines; set WANDB_MODE=online to sync
     task = recipe.task.task_class(recipe, progress=progress)
     needs_original = _check_attacks(recipe, task.modality)
     probes = [make_probe(n, dict(recipe.eval.probe_params.get(n, {}))) for n in recipe.eval.probes]

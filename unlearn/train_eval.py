@@ -84,6 +84,10 @@ class TrainEval:
             return "stop"
         return None
 
+    def last_point(self, step: int) -> dict[str, Any] | None:
+        """The curve point taken at ``step`` (for the trackers), or None."""
+        return self.curve[-1] if self.curve and self.curve[-1]["step"] == step else None
+
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """(JSON state, tensors) for a training checkpoint: the curve, the best point and its

@@ -45,6 +45,10 @@ class TrainSettings:
     scheduler: str = "constant"
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
+    tracking_dir: str | None = None  # where trackers write (a run's <run>/trackers)
+    tracker_config: dict[str, Any] | None = None  # hyperparameters shown by the trackers (flat scalars)
+    run_name: str = "unlearn"
 
 
 @dataclass
@@ -99,6 +103,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         TrainingDiverged: on a NaN/Inf loss or gradient.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
     from transformers import get_scheduler
 
     if not forget:
@@ -123,7 +128,15 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                          "without accelerate launch")
     # several processes: DDP; parameters outside the loss's graph (RMU's upper layers) are searched for
     unused = objective.uses_part_of_the_model()
-    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    trackers = {}
+    if settings.report_to:
+        trackers = {"log_with": list(settings.report_to),
+                    "project_config": ProjectConfiguration(project_dir=settings.tracking_dir,
+                                                           logging_dir=settings.tracking_dir)}
+    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+                      **trackers)
+    if settings.report_to:
+        acc.init_trackers(settings.run_name, config=settings.tracker_config or {})
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -203,6 +216,8 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
             entry = {"step": step, "epoch": epoch, "loss": round(mean_over_processes(sum(losses) / len(losses)), 6),
                      "lr": sched.get_last_lr()[0], **{k: round(v, 6) for k, v in mean_logs.items()}}
             log.history.append(entry)
+            if settings.report_to:
+                acc.log({f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             last = step >= total_steps
@@ -213,6 +228,10 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                     verdict = callback(step, info)
                 finally:
                     adapter.model = model
+                point = callback.last_point(step) if hasattr(callback, "last_point") else None
+                if settings.report_to and point:
+                    acc.log({f"eval/{k}": v for k, v in point.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool) and k not in ("step", "epoch")}, step=step)
                 if verdict == "stop" and not last:
                     log.stopped_early = step
                     done = True
@@ -228,6 +247,8 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         if done:
             break
     bar.close()
+    if settings.report_to:
+        acc.end_training()
     model.eval()
     adapter.model = acc.unwrap_model(model)
     log.seconds = seconds_before + time.time() - t0
