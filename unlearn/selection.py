@@ -8,6 +8,8 @@
   ``params.columns`` or chosen by the objective (``objective.parameter_columns()``). Each weight
   gets a parametrization ``W -> W + delta`` scattered into its columns; only ``delta``
   (out, n_columns) trains, so no other entry can change (weight decay included); merged on save.
+  A column is one of the layer's (out, in) matrix: for a GPT-2 ``Conv1D``, which stores (in, out),
+  it is a row of the stored weight.
 * ``uoe`` -- one routed expert of a mixture-of-experts model (UOE, Zhuang et al., 2025,
   arXiv:2411.18797): expert ``params.expert``'s FFN in layer ``params.layer`` and that layer's
   router weight; without ``params`` the objective picks them (``objective.expert_target()``).
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from unlearn.adapters.base import Adapter
+from unlearn.probes.base import stores_transposed
 from unlearn.probes.expert_attribution import moe_blocks
 
 SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group")
@@ -107,16 +110,21 @@ class ColumnDelta(torch.nn.Module):
     """Parametrization of a 2-D weight: ``W -> W + delta`` on the columns ``columns``.
 
     ``delta`` (out, n_columns) starts at zero and is the only trainable tensor; column
-    ``columns[i]`` of the effective weight is ``W[:, columns[i]] + delta[:, i]``.
+    ``columns[i]`` of the effective weight is ``W[:, columns[i]] + delta[:, i]``. With
+    ``transposed`` (a weight stored (in, out), GPT-2's ``Conv1D``) the same columns of the
+    (out, in) matrix are rows of the stored weight: ``W[columns[i], :] + delta[:, i]``.
     """
 
-    def __init__(self, columns: list[int], rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, columns: list[int], rows: int, dtype: torch.dtype, device: torch.device,
+                 transposed: bool = False) -> None:
         super().__init__()
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long, device=device))
         self.delta = torch.nn.Parameter(torch.zeros(rows, len(columns), dtype=dtype, device=device))
+        self.transposed = bool(transposed)
 
-    def forward(self, W: torch.Tensor) -> torch.Tensor:  # (out, in) -> (out, in)
-        return W.index_add(1, self.columns, self.delta.to(W.dtype))
+    def forward(self, W: torch.Tensor) -> torch.Tensor:  # stored shape -> stored shape
+        d = self.delta.to(W.dtype)
+        return W.index_add(0, self.columns, d.T) if self.transposed else W.index_add(1, self.columns, d)
 
 
 class ExpertDelta(torch.nn.Module):
@@ -190,15 +198,17 @@ def _apply_columns(adapter, params: dict[str, Any], objective) -> SelectionInfo:
             close = [n for n in named if n.endswith(".weight") and named[n].dim() == 2][:4]
             raise ValueError(f"method.selection.params.columns names {k!r}, which is not a 2-D weight of this model "
                              f"(names look like {close})")
-        if len(set(idx)) != len(idx) or max(idx) >= W.shape[1]:
-            raise ValueError(f"method.selection.params.columns[{k!r}] must be distinct indices < {W.shape[1]}, got {idx}")
+        n_in = W.shape[0] if stores_transposed(modules[k[: -len(".weight")]]) else W.shape[1]
+        if len(set(idx)) != len(idx) or max(idx) >= n_in:
+            raise ValueError(f"method.selection.params.columns[{k!r}] must be distinct indices < {n_in}, got {idx}")
     total = _count(model)[1]
     for p in model.parameters():
         p.requires_grad_(False)
     for k, idx in cols.items():
-        W = named[k]
-        parametrize.register_parametrization(modules[k[: -len(".weight")]], "weight",
-                                             ColumnDelta(sorted(idx), W.shape[0], W.dtype, W.device))
+        W, module = named[k], modules[k[: -len(".weight")]]
+        t = stores_transposed(module)
+        parametrize.register_parametrization(module, "weight",
+                                             ColumnDelta(sorted(idx), W.shape[1 if t else 0], W.dtype, W.device, t))
     for m in model.modules():
         if isinstance(m, ColumnDelta):
             m.delta.requires_grad_(True)

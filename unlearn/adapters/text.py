@@ -312,17 +312,22 @@ class TextAdapter(TextModel):
         return out
 
     # ------------------------------------------------------------------ parameters
+    # parameter-name patterns of each group, over the families' names: Llama-style (embed_tokens,
+    # self_attn, mlp, *norm), GPT-2 (wte/wpe, attn., mlp, ln_*), GPT-NeoX (embed_in, attention., mlp,
+    # *layernorm), DeepSeek (self_attn incl. kv_a_layernorm, mlp with experts and shared_experts)
     _GROUPS = {
-        "embeddings": r"embed_tokens|wte|wpe|embed_positions",
-        "attention": r"self_attn|attn\.",
+        "embeddings": r"embed_tokens|embed_in\.|wte|wpe|embed_positions",
+        "attention": r"self_attn|attn\.|\.attention\.",
         "mlp": r"\.mlp\.",
         "norm": r"norm|ln_",
-        "lm_head": r"lm_head",
+        "lm_head": r"lm_head|embed_out",
     }
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named parameter groups -> parameter names. Groups: embeddings, attention, mlp,
-        norm, lm_head, and ``layer.<i>`` for each decoder layer."""
+        norm, lm_head, and ``layer.<i>`` for each decoder layer. A group may be empty: OLMo's
+        norms have no parameters; with tied embeddings (GPT-2, Gemma) the LM head is the
+        embedding matrix, named once, under embeddings."""
         groups: dict[str, list[str]] = {k: [] for k in self._GROUPS}
         for name, _ in self.model.named_parameters():
             for g, pat in self._GROUPS.items():

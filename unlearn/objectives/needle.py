@@ -36,9 +36,8 @@ import torch
 
 from unlearn.data import UnlearningData
 from unlearn.objectives.base import Objective, ObjectiveConfig, mean_token_nll
-from unlearn.probes.base import decoder_layers
-from unlearn.probes.concept_vectors import (ConceptVectors, ConceptVectorsConfig, _down_proj, activation_specificity,
-                                            causal_check)
+from unlearn.probes.concept_vectors import (ConceptVectors, ConceptVectorsConfig, activation_specificity, causal_check,
+                                            mlp_down_proj)
 
 
 @dataclass
@@ -123,21 +122,22 @@ class Needle(Objective):
             raise ValueError("needle found no concept column for any forget author; lower method.params.min_matches, "
                              "raise top_k, or set validate: false")
         names = {id(p): n for n, p in model.named_parameters()}
-        blocks = decoder_layers(model)
         cols: dict[str, list[int]] = {}
         gen = torch.Generator().manual_seed(self.config.seed)
         with torch.no_grad():
             for x in self.chosen:
-                W = _down_proj(blocks, x.layer).weight  # (H, I)
-                if x.column in cols.get(names[id(W)], []):
+                proj, W = mlp_down_proj(model, x.layer)  # W (H, I): a view of proj.weight
+                name = names[id(proj.weight)]
+                if x.column in cols.get(name, []):
                     continue
-                cols.setdefault(names[id(W)], []).append(x.column)
+                cols.setdefault(name, []).append(x.column)
                 noise = torch.randn(W.shape[0], generator=gen) * self.config.noise_std  # (H,)
                 W[:, x.column] += noise.to(W.device, W.dtype)
         self.columns = {k: sorted(v) for k, v in cols.items()}
 
     def parameter_columns(self) -> dict[str, list[int]]:
-        """``{parameter name: [column indices]}`` chosen in :meth:`setup` (for the ``columns`` selection)."""
+        """``{parameter name: [column indices]}`` chosen in :meth:`setup` (for the ``columns`` selection):
+        columns of the projection's (out, in) matrix, which for GPT-2's Conv1D are rows of the stored weight."""
         if self.columns is None:
             raise ValueError("needle chooses its columns in setup(); call objective.setup(adapter, None, forget) first")
         return self.columns

@@ -37,7 +37,7 @@ import torch
 
 from unlearn.config import from_dict
 from unlearn.objectives.base import Objective, ObjectiveConfig
-from unlearn.probes.expert_attribution import moe_blocks, router_logits, token_mask, top_expert
+from unlearn.probes.expert_attribution import moe_blocks, router_logits, router_probs, token_mask, top_expert
 from unlearn.registry import Registry
 
 # The objectives a UOE may train on the expert (its ``base``). ``unlearn.objectives`` hands its
@@ -91,7 +91,7 @@ def anchor_loss(model, batch: dict[str, torch.Tensor], layer: int, expert: int, 
     """Router anchor ``mean_t || g^l(x_t) - onehot(e) ||^2`` over the read tokens of ``batch``
     (scalar, differentiable; 0 when the batch has no read token)."""
     lg = router_logits(model, batch["input_ids"], batch["attention_mask"], [layer])[layer]  # (B, T, E)
-    g = torch.softmax(lg.float(), -1)[token_mask(batch, tokens).to(lg.device)]  # (N, E)
+    g = router_probs(moe_blocks(model)[layer].gate, lg)[token_mask(batch, tokens).to(lg.device)]  # (N, E)
     if g.shape[0] == 0:
         return lg.sum() * 0.0
     onehot = torch.zeros_like(g)

@@ -33,6 +33,7 @@ from unlearn.config import to_dict
 from unlearn.evaluators.base import MetricResult, MetricSpec, _plain
 
 __all__ = ["Probe", "ProbeConfig", "ProbeResult", "run_probes", "probe_before", "probe_after", "decoder_layers",
+           "DECODER_LAYER_PATHS", "model_name", "stores_transposed",
            "layer_outputs", "encode_with_spans", "locate_value", "span_positions", "pad_right", "authors_of"]
 
 
@@ -171,11 +172,26 @@ def run_probes(probes: list[Probe], adapter_before, adapter_after, data) -> dict
 
 
 # ------------------------------------------------------------------ shared text helpers
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM (Llama/Mistral/Qwen: ``model.model.layers``; GPT-2:
-    ``transformer.h``); ValueError when there are none to find."""
+def model_name(model) -> str:
+    """``"<class> (<model_type>)"`` of a (possibly PEFT-wrapped) transformers model, for messages
+    that name the family a method does not fit (e.g. ``"GPT2LMHeadModel (gpt2)"``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    return f"{type(base).__name__} ({model_type})" if model_type else type(base).__name__
+
+
+# where a family keeps its decoder blocks: Llama, Mistral, Qwen2, Phi-3, Gemma, OLMo, Mixtral,
+# Qwen2-MoE, DeepSeek (model.layers); GPT-2, GPT-J, Falcon (transformer.h); GPT-NeoX/Pythia
+# (gpt_neox.layers); OPT (model.decoder.layers)
+DECODER_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM, found under the paths of :data:`DECODER_LAYER_PATHS`
+    (Llama-style ``model.model.layers``, GPT-2 ``transformer.h``, GPT-NeoX ``gpt_neox.layers``);
+    ValueError naming the model when there are none to find."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in DECODER_LAYER_PATHS:
         obj = base
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -183,8 +199,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
                 break
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__} (looked for model.layers, "
-                     "transformer.h, gpt_neox.layers); this probe needs a plain transformers causal LM")
+    raise ValueError(f"cannot find the decoder layers of {model_name(base)} (looked for "
+                     f"{', '.join(DECODER_LAYER_PATHS)}); this method needs a plain transformers causal LM")
+
+
+def stores_transposed(module) -> bool:
+    """True for a transformers ``Conv1D`` (GPT-2's linear layers): it stores its weight as
+    (in, out), the transpose of ``nn.Linear``'s (out, in)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _model_of(adapter):

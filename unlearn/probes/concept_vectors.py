@@ -7,6 +7,10 @@ unembedding, a column promotes the tokens ``top-k(W_U @ v_j)`` (``W_U`` = ``lm_h
 an author when its top-k tokens contain at least ``min_matches`` of the author's distinctive
 name tokens (``token_fields`` can add e.g. the author's genre).
 
+:func:`mlp_down_proj` finds ``W_down`` in each family (Llama-style ``mlp.down_proj``, GPT-NeoX
+``mlp.dense_4h_to_h``, GPT-2's ``mlp.c_proj``, a Conv1D read transposed); a mixture-of-experts
+layer has no single ``W_down`` and is refused with a ValueError naming the model.
+
 Ranking: candidates are ordered by *activation specificity* -- the column's mean ``|a_j|`` on
 the author's QA items over that on other authors' items (:func:`activation_specificity`) --
 and the first ``max_candidates`` get the causal check. On the tiny zoo target, 12 of the 14
@@ -57,7 +61,8 @@ import numpy as np
 import torch
 
 from unlearn.evaluators.base import MetricResult, MetricSpec
-from unlearn.probes.base import Probe, ProbeConfig, ProbeResult, _model_of, authors_of, decoder_layers
+from unlearn.probes.base import (Probe, ProbeConfig, ProbeResult, _model_of, authors_of, decoder_layers, model_name,
+                                 stores_transposed)
 
 
 @dataclass
@@ -152,10 +157,9 @@ def projection_topk(model, layers: list[int], top_k: int) -> dict[int, tuple[tor
     """Top-k vocabulary tokens of every down-projection column: ``{layer: (ids (I, k), z (I, k))}``,
     ``z`` = the logits' z-scores over the vocabulary (``logits = W_U @ W_down``, (V, I))."""
     W_U = model.get_output_embeddings().weight.detach().float()  # (V, H)
-    blocks = decoder_layers(model)
     out = {}
     for L in layers:
-        W = _down_proj(blocks, L).weight.detach().float()  # (H, I)
+        W = mlp_down_proj(model, L)[1].detach().float()  # (H, I)
         logits = W_U @ W  # (V, I)
         z = (logits - logits.mean(0)) / logits.std(0).clamp_min(1e-12)  # (V, I)
         top = z.topk(top_k, dim=0)  # (k, I)
@@ -163,12 +167,42 @@ def projection_topk(model, layers: list[int], top_k: int) -> dict[int, tuple[tor
     return out
 
 
-def _down_proj(blocks, layer: int):
+# the output projection of a dense MLP, by family: down_proj (Llama, Mistral, Qwen2, Phi-3, Gemma,
+# OLMo, DeepSeek's dense layers), dense_4h_to_h (GPT-NeoX/Pythia), c_proj (GPT-2, a Conv1D),
+# fc2 (Phi-1/2), fc_out (GPT-J)
+MLP_OUT_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "fc_out")
+
+
+def mlp_down_proj(model, layer: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The output projection of decoder layer ``layer``'s dense MLP and its value matrix.
+
+    Returns:
+        ``(module, W)``: the projection (``mlp.<name>`` for a name of :data:`MLP_OUT_NAMES`)
+        and ``W`` (H, I), whose column j is the value vector ``v_j`` the MLP writes with
+        activation ``a_j``. For ``nn.Linear`` ``W`` is the weight; for GPT-2's ``Conv1D``, which
+        stores (I, H), it is the transposed view, so in-place writes to ``W`` change the weight.
+        The module's forward input is the activation vector ``a`` (..., I) either way.
+    Raises:
+        ValueError naming the model: the layer is a mixture-of-experts block (its experts'
+        down-projections are fused 3-D tensors, not one value matrix), or it has no MLP
+        output projection under a known name.
+    """
+    blocks = decoder_layers(model)
     mlp = getattr(blocks[layer], "mlp", None)
-    proj = getattr(mlp, "down_proj", None) if mlp is not None else None
-    if proj is None or getattr(proj, "weight", None) is None or proj.weight.dim() != 2:
-        raise ValueError(f"decoder layer {layer} has no mlp.down_proj linear layer (a Llama-style MLP is needed)")
-    return proj
+    if mlp is not None and hasattr(mlp, "experts"):
+        shared = [n for n in ("shared_expert", "shared_experts") if hasattr(mlp, n)]
+        raise ValueError(
+            f"decoder layer {layer} of {model_name(model)} is a mixture-of-experts block ({type(mlp).__name__}: "
+            f"routed experts{' + ' + shared[0] if shared else ''}, fused 3-D weights); concept vectors, Needle and "
+            "RMU's selection read the value vectors of one dense MLP down-projection per layer, so they need a dense "
+            "MLP (choose dense layers with the `layers` setting where the model has some)")
+    for name in MLP_OUT_NAMES:
+        proj = getattr(mlp, name, None)
+        W = getattr(proj, "weight", None)
+        if isinstance(W, torch.Tensor) and W.dim() == 2:
+            return proj, (W.T if stores_transposed(proj) else W)
+    raise ValueError(f"decoder layer {layer} of {model_name(model)} has no dense MLP output projection "
+                     f"(looked for mlp.{', mlp.'.join(MLP_OUT_NAMES)}); concept vectors need a dense MLP")
 
 
 def find_candidates(topk: dict[int, tuple[torch.Tensor, torch.Tensor]], concepts: dict[Any, dict[str, Any]],
@@ -203,7 +237,6 @@ def activation_specificity(adapter, candidates: list[Candidate], groups: dict[An
     if not candidates:
         return
     model = _model_of(adapter)
-    blocks = decoder_layers(model)
     layers = sorted({c.layer for c in candidates})
     rest = [a for a in groups if a not in set(concepts)]
     authors = list(concepts) + random.Random(f"concept-spec-{seed}").sample(rest, min(n_other_authors, len(rest)))
@@ -217,7 +250,7 @@ def activation_specificity(adapter, candidates: list[Candidate], groups: dict[An
         return f
 
     mean: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-    hs = [_down_proj(blocks, L).register_forward_hook(hook(L)) for L in layers]
+    hs = [mlp_down_proj(model, L)[0].register_forward_hook(hook(L)) for L in layers]
     was_training = model.training
     model.eval()
     try:
@@ -260,7 +293,6 @@ def causal_check(adapter, candidates: list[Candidate], groups: dict[Any, list[di
     Each draw adds ``N(0, noise_std^2)`` to the column, scores both sets and restores it.
     """
     model = _model_of(adapter)
-    blocks = decoder_layers(model)
     rng = random.Random(f"concept-control-{seed}")
     base: dict[int, torch.Tensor] = {}
     key = {id(it): i for i, it in enumerate(it for items in groups.values() for it in items)}
@@ -285,7 +317,7 @@ def causal_check(adapter, candidates: list[Candidate], groups: dict[Any, list[di
             concept_items, control_items = groups[c.concept], controls[c.concept]
             both, n_c = concept_items + control_items, len(concept_items)  # scored in one pass per draw
             b_c, b_o = base_lp(concept_items), base_lp(control_items)
-            W = _down_proj(blocks, c.layer).weight  # (H, I)
+            W = mlp_down_proj(model, c.layer)[1]  # (H, I)
             orig = W[:, c.column].clone()  # (H,)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + ci)
             d_c, d_o = [], []
@@ -381,7 +413,7 @@ class ConceptVectors(Probe):
                              n_control_items=cfg.n_control_items, min_drop=cfg.min_drop, ratio=cfg.ratio, seed=cfg.seed)
             taken = {(c.layer, c.column) for c in cands}
             rng = random.Random(f"concept-random-{cfg.seed}")
-            n_cols = _down_proj(decoder_layers(model), self._layers(model)[0]).weight.shape[1]
+            n_cols = mlp_down_proj(model, self._layers(model)[0])[1].shape[1]
             pool = [(L, j) for L in self._layers(model) for j in range(n_cols) if (L, j) not in taken]
             rand = rng.sample(pool, min(cfg.n_random_columns, len(pool)))
             locs = [(c.layer, c.column) for c in checked] + rand
@@ -405,12 +437,11 @@ class ConceptVectors(Probe):
     def read(self, adapter, locations: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns at ``locations`` ``[(layer, column)]``: ``(vectors (N, H), top-k ids (N, k))``."""
         model = _model_of(adapter)
-        blocks = decoder_layers(model)
         W_U = model.get_output_embeddings().weight.detach().float()  # (V, H)
         H = W_U.shape[1]
         if not locations:
             return torch.zeros(0, H), torch.zeros(0, self.config.top_k, dtype=torch.long)
-        vec = torch.stack([_down_proj(blocks, L).weight.detach()[:, j].float().cpu() for L, j in locations])  # (N, H)
+        vec = torch.stack([mlp_down_proj(model, L)[1].detach()[:, j].float().cpu() for L, j in locations])  # (N, H)
         logits = vec.to(W_U.device) @ W_U.T  # (N, V)
         z = (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, keepdim=True).clamp_min(1e-12)
         return vec, z.topk(self.config.top_k, dim=-1).indices.cpu()

@@ -2,7 +2,8 @@
 
 For a Mixtral-style MoE (each decoder layer ``l`` has a router ``mlp.gate`` with weight (E, H)
 and E routed experts, top-k of which run per token) the router's probabilities on token ``t``
-are ``g^l(x_t) = softmax(W_g^l h_t^l)`` (E,), ``h_t^l`` the layer's input after its norm. The
+are ``g^l(x_t) = softmax(W_g^l h_t^l)`` (E,), ``h_t^l`` the layer's input after its norm
+(DeepSeek-V3's sigmoid router: the sigmoid scores normalised to sum to one, :func:`router_probs`). The
 probe reads them with forward hooks on the routers, over the tokens of the forget and the
 retain items (``tokens``: every token of the teacher-forced question + answer, or only the
 answer tokens), and reports:
@@ -44,14 +45,18 @@ import numpy as np
 import torch
 
 from unlearn.evaluators.base import MetricResult, MetricSpec
-from unlearn.probes.base import Probe, ProbeConfig, ProbeResult, _model_of, decoder_layers
+from unlearn.probes.base import Probe, ProbeConfig, ProbeResult, _model_of, decoder_layers, model_name
 
 
 # ------------------------------------------------------------------------------ MoE helpers
 def moe_blocks(model) -> dict[int, torch.nn.Module]:
     """``{layer index: MoE block}`` of a causal LM: blocks ``layers[l].mlp`` with a router
     ``.gate`` (a 2-D ``weight`` (E, H)) and fused experts ``.experts`` (``gate_up_proj``
-    (E, 2I, H), ``down_proj`` (E, H, I)), as Mixtral has them in transformers >= 5.
+    (E, 2I, H), ``down_proj`` (E, H, I)), as Mixtral, Qwen2-MoE and DeepSeek-V2/V3 have them in
+    transformers >= 5. A block may hold more (Qwen2-MoE's gated ``shared_expert``, DeepSeek's
+    ``shared_experts``): the shared experts run on every token, are not routed, and are not part
+    of the attribution or of the ``uoe`` selection. Dense layers among MoE ones (DeepSeek's
+    ``first_k_dense_replace``) are left out.
 
     Raises:
         ValueError: the model has no such block (a dense model)."""
@@ -63,11 +68,26 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
         if isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
             out[i] = mlp
     if not out:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        raise ValueError(f"{type(base).__name__} has no mixture-of-experts layers (layers[l].mlp.gate + "
+        raise ValueError(f"{model_name(model)} has no mixture-of-experts layers (layers[l].mlp.gate + "
                          "mlp.experts); expert attribution and the uoe selection need an MoE model such as "
                          "zoo:tiny-moe/target (build it with `unlearn zoo build tiny-moe`)")
     return out
+
+
+def router_probs(gate: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The router's distribution over the E routed experts, from its logits (..., E) -> (..., E) float32.
+
+    Softmax for softmax routers (Mixtral, Qwen2-MoE, DeepSeek-V2). A sigmoid router (DeepSeek-V3:
+    the gate has ``e_score_correction_bias``) scores each expert with ``sigmoid(logit)`` and picks
+    the top-k scores; its distribution is taken as the scores normalised to sum to one (what it
+    weights the chosen experts by, with ``norm_topk_prob``, restricted to them). Either way the
+    top-k of the result are the experts the router picks as long as DeepSeek-V3's load-balancing
+    correction bias is zero (as at initialisation) and it has one expert group: neither the bias
+    nor the group limit is applied here."""
+    if hasattr(gate, "e_score_correction_bias"):
+        s = torch.sigmoid(logits.float())
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-12)
+    return torch.softmax(logits.float(), -1)
 
 
 def router_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -114,6 +134,7 @@ def routing(adapter, items: list[dict], tokens: str = "all", batch_size: int = 3
     (N,))`` with ``owner[n]`` the ``author_id`` (or None) of token n's item; layers in the order of
     :func:`moe_blocks`. Tokens are in item order, then position order."""
     model = _model_of(adapter)
+    blocks = moe_blocks(model)
     was = model.training
     model.eval()
     probs, owner = [], []
@@ -123,7 +144,7 @@ def routing(adapter, items: list[dict], tokens: str = "all", batch_size: int = 3
             batch = adapter.collate(chunk)
             lg = router_logits(model, batch["input_ids"], batch["attention_mask"])
             m = token_mask(batch, tokens)  # (B, T)
-            p = torch.stack([torch.softmax(lg[i].float(), -1).cpu() for i in sorted(lg)], 2)  # (B, T, L, E)
+            p = torch.stack([router_probs(blocks[i].gate, lg[i]).cpu() for i in sorted(lg)], 2)  # (B, T, L, E)
             probs.append(p[m])  # (n, L, E)
             for b, it in enumerate(chunk):
                 owner += [it.get("author_id")] * int(m[b].sum())
