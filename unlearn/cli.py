@@ -6,16 +6,20 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 
 import unlearn
-from unlearn import zoo
+from unlearn import distributed, zoo
 from unlearn.trainer import TrainingDiverged
 
 
 def _run(args) -> int:
-    res = unlearn.run(args.recipe, overrides=args.set or [], progress=not args.quiet)
+    overrides = list(args.set or []) + (["output.resume=true"] if args.resume else [])
+    res = unlearn.run(args.recipe, overrides=overrides, progress=not args.quiet)
+    if not distributed.is_main():  # several processes: the main one reports
+        return 0
     s = res.summary
     print(f"run written to {res.run_dir}")
     for line in res.headline_lines():
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("recipe", help="path to a recipe YAML")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the killed run of output.dir from its last complete checkpoint")
     e = sub.add_parser("eval", help="evaluate a model on a task's suite, without unlearning it")
     e.add_argument("source", help="zoo:<family>/<name>, a model directory (e.g. a run's checkpoint/) or a hub id")
     e.add_argument("--task", help="the task (see `unlearn list tasks`); default: the recipe's, else the one for the "
@@ -134,14 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # every input check (recipes, data, models, output directories)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `unlearn list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # I/O: permissions, a full disk, a missing or unreadable file
         print(f"error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no run directory was left behind", file=sys.stderr)
+        print("interrupted; the run was not written (a complete training checkpoint, if any, is kept for --resume)", file=sys.stderr)
         return 130
     except _Terminated:
-        print("terminated (SIGTERM); no run directory was left behind", file=sys.stderr)
+        print("terminated (SIGTERM); the run was not written (a complete training checkpoint, if any, is kept for "
+              "--resume)", file=sys.stderr)
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
