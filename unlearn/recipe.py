@@ -295,6 +295,10 @@ class TrainSpec:
                                                   "utility; visual: retain accuracy) falls below this fraction of "
                                                   "the target's, in (0, 1]; null: never")
     eval_max_items: int | None = _opt(100, help="items per split for the evaluations during training; null: all")
+    gradient_checkpointing: bool = _opt(False, help="recompute activations in the backward pass (less memory, "
+                                                    "~1 more forward of time)")
+    mixed_precision: Literal["no", "bf16"] = _opt("no", help="bf16 autocast for the forward passes of training "
+                                                            "(CPU: bf16 only); the weights stay in model.dtype")
     report_to: list[str] = _opt(factory=list, help="experiment trackers through accelerate (tensorboard, wandb, mlflow, "
                                                    "aim, comet_ml, clearml, dvclive, swanlab, trackio): the loss and "
                                                    "the evaluations during training, logged under <run>/trackers; "

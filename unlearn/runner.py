@@ -91,7 +91,7 @@ def train_settings(tr, recipe=None, tracking_dir: Path | None = None) -> TrainSe
     return TrainSettings(epochs=tr.epochs, max_steps=tr.max_steps, lr=tr.lr, batch_size=tr.batch_size,
                          grad_accum=tr.grad_accum, optimizer=tr.optimizer, weight_decay=tr.weight_decay,
                          scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
-                         **trackers)
+                         mixed_precision=tr.mixed_precision, **trackers)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -135,6 +135,8 @@ def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | 
         baseline["utility_ratio"] = 1.0 if key and baseline.get(key) else None
     reference = adapter.reference() if method.needs_reference() else None
     method.setup(adapter, reference, data.forget)
+    if recipe.train.gradient_checkpointing:  # after the reference copy: that one only runs forward
+        adapter.enable_gradient_checkpointing()
     sel = recipe.method.selection
     sel_info = apply_selection(adapter, sel.name, dict(sel.params), objective=method)
     before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}

@@ -45,6 +45,7 @@ class TrainSettings:
     scheduler: str = "constant"
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" or "bf16" (autocast in training forward passes)
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
     tracking_dir: str | None = None  # where trackers write (a run's <run>/trackers)
     tracker_config: dict[str, Any] | None = None  # hyperparameters shown by the trackers (flat scalars)
@@ -135,6 +136,12 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                                                            logging_dir=settings.tracking_dir)}
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
                       **trackers)
+    # bf16 autocast per call (accelerate's mixed_precision is fixed for the process; runs and attacks
+    # train several times in one process)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if settings.mixed_precision == "bf16" \
+        else contextlib.nullcontext
+    if settings.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"train.mixed_precision must be 'no' or 'bf16' (CPU), got {settings.mixed_precision!r}")
     if settings.report_to:
         acc.init_trackers(settings.run_name, config=settings.tracker_config or {})
     model = adapter.model
@@ -192,7 +199,7 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
                     rb = adapter.collate([retain[i] for i in ridx], indices=ridx)
                 # gradients of a window are summed locally and synchronised once, on its last micro-batch
                 sync = contextlib.nullcontext() if m_i == len(window) - 1 else acc.no_sync(model)
-                with sync:
+                with sync, autocast():
                     loss, logs = objective.loss(adapter, fb, rb)
                     if not all_true(bool(torch.isfinite(loss))):  # every process stops, or none
                         raise TrainingDiverged(

@@ -107,6 +107,12 @@ class Adapter(abc.ABC):
         """
 
     # ------------------------------------------------------------------ parameters, copies, identity
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them (less memory,
+        about one more forward pass of time); ``train.gradient_checkpointing``. Raises
+        ValueError when the model cannot."""
+        raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+
     @abc.abstractmethod
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named groups of parameters: group name -> names of :attr:`model`'s parameters

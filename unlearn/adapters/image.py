@@ -316,6 +316,10 @@ class ImageAdapter(ImageModel):
         "text_encoder": r"^text_encoder\.",
     }
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The UNet's gradient checkpointing (``diffusers``)."""
+        self.unet.enable_gradient_checkpointing()
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named parameter groups -> parameter names (of ``self.model``).
 

@@ -323,6 +323,14 @@ class TextAdapter(TextModel):
         "lm_head": r"lm_head|embed_out",
     }
 
+    def enable_gradient_checkpointing(self) -> None:
+        """``transformers``' gradient checkpointing (non-reentrant, so frozen inputs and LoRA work)."""
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"model {self.source!r} ({type(self.model).__name__}) does not support gradient "
+                             "checkpointing; set train.gradient_checkpointing: false")
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named parameter groups -> parameter names. Groups: embeddings, attention, mlp,
         norm, lm_head, and ``layer.<i>`` for each decoder layer. A group may be empty: OLMo's
