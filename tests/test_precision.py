@@ -20,7 +20,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_adapter, qa_items):
     other = copy.deepcopy(tiny_adapter)
     plain = _train(tiny_adapter, qa_items)
     other.enable_gradient_checkpointing()
-    assert other.model.is_gradient_checkpointing
+    assert getattr(other.model, "is_activation_checkpointing", None) or other.model.is_gradient_checkpointing
     ckpt = _train(other, qa_items)
     assert [h["loss"] for h in ckpt.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-6)
     for (n, p), (_, q) in zip(tiny_adapter.model.named_parameters(), other.model.named_parameters()):

@@ -328,7 +328,10 @@ class TextAdapter(TextModel):
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise ValueError(f"model {self.source!r} ({type(self.model).__name__}) does not support gradient "
                              "checkpointing; set train.gradient_checkpointing: false")
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.model, "activation_checkpointing_enable"):  # the name in newer transformers
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
 
     def parameter_groups(self) -> dict[str, list[str]]:
