@@ -31,6 +31,8 @@ def _run(args) -> int:
 def _eval(args) -> int:
     res = unlearn.evaluate(args.source, args.task, recipe=args.recipe, overrides=args.set or [], output=args.out,
                            progress=not args.quiet)
+    if not distributed.is_main():  # several processes: the main one reports
+        return 0
     print(f"evaluated {res.recipe.model.source} on task {res.recipe.task.name}")
     for line in res.headline_lines():
         print(line)

@@ -27,12 +27,13 @@ import torch
 import transformers
 import yaml
 
+from unlearn import distributed
 from unlearn.config import to_dict
 from unlearn.models import source_modality
 from unlearn.objectives import OBJECTIVES
 from unlearn.recipe import Recipe, load_recipe, method_modalities
 from unlearn.registry import did_you_mean
-from unlearn.runner import set_seed
+from unlearn.runner import open_run_dir, set_seed
 from unlearn.runs import RunDir, atomic_write_json, atomic_write_text, provenance
 from unlearn.tasks.registry import TASKS
 
@@ -166,6 +167,9 @@ def evaluate(source: str, task: str | None = None, *, recipe=None, overrides: It
     """
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    distributed.init()  # under torchrun: the passes are shared between the processes, the main one writes
+    main = distributed.is_main()
+    progress = progress and main
     modality = check_source(source)
     recipe = eval_recipe(source, task, recipe=recipe, overrides=overrides, output=output)
     task_cls = recipe.task.task_class
@@ -175,13 +179,13 @@ def evaluate(source: str, task: str | None = None, *, recipe=None, overrides: It
                          f"{task_cls.modality} models; tasks for {modality} models: {', '.join(fits) or 'none'}"
                          + (f" (--task {fits[0]})" if fits else ""))
     skipped = [k for k, on in (("eval.attacks", recipe.eval.attacks), ("eval.probes", recipe.eval.probes)) if on]
-    if skipped:
+    if skipped and main:
         print(f"note: {' and '.join(skipped)} are not run by unlearn eval (the task's suite only)", file=sys.stderr)
     tsk = task_cls(recipe, progress=progress)
     torch.set_num_threads(recipe.model.threads)
     set_seed(recipe.seed)
     t_start = time.time()
-    rd = RunDir(recipe.output_dir, overwrite=recipe.output.overwrite) if output is not None else None
+    rd = open_run_dir(recipe.output_dir, overwrite=recipe.output.overwrite, resume=False) if output is not None else None
     if rd is not None:
         for msg in rd.recovered:
             print(f"note: {msg}", file=sys.stderr)
@@ -190,7 +194,7 @@ def evaluate(source: str, task: str | None = None, *, recipe=None, overrides: It
         model = tsk.load_model()
         fingerprint = model.fingerprint()
         tsk.prepare(data, model)
-        for msg in tsk.warnings:
+        for msg in tsk.warnings if main else ():
             print(f"warning: {msg}", file=sys.stderr)
         res = tsk.evaluate(model, LABEL)
         models = {LABEL: res, **tsk.references()}
@@ -207,10 +211,13 @@ def evaluate(source: str, task: str | None = None, *, recipe=None, overrides: It
                           **({"warnings": tsk.warnings} if tsk.warnings else {}))
         metrics: dict[str, Any] = {"summary": summary, "models": models, "recipe": to_dict(recipe), "provenance": prov}
         out_dir = None
-        if rd is not None:
+        if isinstance(rd, RunDir):
             atomic_write_text(rd.path / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
             atomic_write_json(rd.path / "provenance.json", prov)
             atomic_write_json(rd.path / "metrics.json", metrics)  # last: it marks the directory finished
+            out_dir = rd.commit()
+            distributed.barrier()  # the other processes return once it is written
+        elif rd is not None:  # not the main process
             out_dir = rd.commit()
     except BaseException:
         if rd is not None:
