@@ -14,29 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from unlearn._version import __version__
 from unlearn.distributed import all_true, is_main
 from unlearn.data import items_fingerprint
-from unlearn.runs import atomic_write_text
+from unlearn.runs import atomic_write_text, library_versions
 from unlearn.zoo import cache_dir
 
 CACHE_VERSION = "3"  # bump when the layout of a cached result changes
 # libraries whose version can change a number (tokenisation, kernels, schedulers, metrics)
 KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers", "scikit-learn", "scipy", "rouge-score", "numpy")
 
-
-def library_versions() -> dict[str, str | None]:
-    out = {}
-    for lib in KEY_LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
 
 
 def default_cache_dir() -> Path:
@@ -48,7 +38,7 @@ def cache_key(parts: dict[str, Any], splits: dict[str, list[dict]]) -> str:
     """24 hex characters of sha256 over ``parts`` (JSON, sorted keys), the cache version, the
     toolkit and library versions and the split contents."""
     h = hashlib.sha256()
-    h.update(json.dumps({**parts, "cache": CACHE_VERSION, "unlearn": __version__, "libraries": library_versions(),
+    h.update(json.dumps({**parts, "cache": CACHE_VERSION, "unlearn": __version__, "libraries": library_versions(KEY_LIBRARIES),
                          "splits": {k: items_fingerprint(v) for k, v in sorted(splits.items())}},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]

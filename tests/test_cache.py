@@ -52,7 +52,7 @@ def test_tokenisation_mode_and_prompt_are_part_of_the_key(tiny_adapter):
 def test_library_versions_are_part_of_the_key(monkeypatch):
     parts, splits = {"model": {"weights": "x"}}, {"a": [{"question": "q", "answer": "a"}]}
     k = eval_cache.cache_key(parts, splits)
-    monkeypatch.setattr(eval_cache, "library_versions", lambda: {"torch": "0.0-other"})
+    monkeypatch.setattr(eval_cache, "library_versions", lambda *libs: {"torch": "0.0-other"})
     assert eval_cache.cache_key(parts, splits) != k
 
 

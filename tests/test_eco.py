@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _fakes import HashEncoder
 
 from unlearn.adapters.text import IGNORE, TextAdapter
 from unlearn.editors import EditContext
@@ -35,23 +36,6 @@ class KeyEncoder:
 
     def encode(self, texts):
         return np.array([[1.0, 0.0] if t in self.flagged else [0.0, 1.0] for t in texts], dtype=np.float32)
-
-
-class HashEncoder:
-    """Bag of hashed words, L2-normalised (a deterministic stand-in for a sentence encoder)."""
-
-    dim = 64
-    source = "test-hash-encoder"
-
-    def fingerprint(self):
-        return "hash-encoder-v1"
-
-    def encode(self, texts):
-        z = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().replace("?", " ").split():
-                z[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-9)
 
 
 def key_classifier(flagged, monkeypatch=None) -> PromptClassifier:

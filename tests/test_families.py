@@ -16,12 +16,12 @@ matrix this file produces.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from _fakes import HashEncoder
 
 from unlearn.adapters.text import TextAdapter
 from unlearn.data import UnlearningData
@@ -364,23 +364,6 @@ def test_router_probabilities_pick_the_routers_experts(family, loaded, data):
 TEXT_EDITORS = [n for n in EDITORS.names() if "text" in EDITORS.get(n).modalities]
 
 
-class HashEncoder:
-    """Bag of hashed words, L2-normalised: a deterministic stand-in for ECO's sentence encoder."""
-
-    dim = 64
-    source = "test-families-hash-encoder"
-
-    def fingerprint(self):
-        return "families-hash-v1"
-
-    def encode(self, texts):
-        z = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().replace("?", " ").split():
-                z[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-9)
-
-
 def _editor(name: str, monkeypatch):
     from unlearn.editors import eco_classifier
 
@@ -391,8 +374,9 @@ def _editor(name: str, monkeypatch):
     if name == "eco":
         from unlearn.editors.eco import ECOConfig
 
-        monkeypatch.setitem(eco_classifier._ENCODERS, HashEncoder.source, HashEncoder())
-        return EDITORS.get(name)(ECOConfig(encoder=HashEncoder.source, target_fpr=0.1, metric="prob",
+        enc = HashEncoder("test-families-hash-encoder", "families-hash-v1")
+        monkeypatch.setitem(eco_classifier._ENCODERS, enc.source, enc)
+        return EDITORS.get(name)(ECOConfig(encoder=enc.source, target_fpr=0.1, metric="prob",
                                            target_value=0.5, strength=0.1, max_steps=2))
     raise AssertionError(f"no tiny settings for text editor {name!r}: add them here")
 

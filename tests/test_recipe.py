@@ -199,7 +199,7 @@ def test_unknown_top_level_key():
 
 def test_unknown_nested_key_with_did_you_mean():
     msg = error_of({"name": "x", "train": {"lr_rate": 0.1}})
-    assert msg.startswith("recipe key 'train.lr_rate' is unknown; allowed: batch_size, epochs,")
+    assert msg.startswith("recipe key 'train.lr_rate' is unknown; allowed: batch_size, checkpoint_every, epochs,")
     assert msg.endswith("did you mean 'lr'?")
     msg = error_of({"name": "x", "task": {"world": {"n_author": 100}}})
     assert "'task.world.n_author' is unknown" in msg and "did you mean 'n_authors'?" in msg

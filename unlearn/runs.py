@@ -104,9 +104,10 @@ def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
         return {"commit": None}
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """The installed version of each of ``libraries`` (None: not installed)."""
     out = {}
-    for lib in LIBRARIES:
+    for lib in libraries:
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
