@@ -65,3 +65,47 @@ def test_sharded_outputs_merge_in_item_order():
     img = [np.arange(3 * 2 * 2).reshape(3, 2, 2).astype(np.uint8), np.arange(2 * 2 * 2).reshape(2, 2, 2).astype(np.uint8)]
     merged = _merge([_decode(_encode(x)) for x in img], index, 5)
     assert merged.shape == (5, 2, 2) and (merged[1] == img[1][0]).all() and (merged[4] == img[0][2]).all()
+
+
+KILLER = """
+import os, signal, sys
+import unlearn.trainer as tr
+real = tr.save_checkpoint
+def save(root, state, *a, **k):
+    path = real(root, state, *a, **k)
+    if state.step == 2:  # the main process dies right after its checkpoint of step 2
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+tr.save_checkpoint = save
+from unlearn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_resume_after_a_kill_to_the_same_result(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_CACHE": str(tmp_path / "cache"),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    (tmp_path / "killer.py").write_text(KILLER)
+    sets = ["train.max_steps=4", "train.batch_size=8", "eval.max_items=4", "task.retain_model=null",
+            "eval.n_samples=0", "train.checkpoint_every=2"]
+
+    def torchrun(entry: list[str], out, *extra):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
+                "run", os.path.join(ROOT, "recipes", "quickstart.yaml"), "-q", *extra]
+        for s in [*sets, f"output.dir={out}"]:
+            argv += ["--set", s]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+
+    full = torchrun(["-m", "unlearn.cli"], tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = torchrun([str(tmp_path / "killer.py")], tmp_path / "run")
+    assert killed.returncode != 0 and not (tmp_path / "run").exists()
+    resumed = torchrun(["-m", "unlearn.cli"], tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run killed in" in resumed.stderr and "from step-00000002" in resumed.stderr
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert b["provenance"]["resumed_from"] == "step-00000002" and b["models"]["unlearned"]["processes"] == 2
+    assert b["train"]["history"] == a["train"]["history"]
+    assert b["summary"]["unlearned"] == a["summary"]["unlearned"]
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or p.name.endswith(".lock")]

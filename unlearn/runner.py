@@ -210,18 +210,25 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
 
 def _checkpointing(recipe, rd) -> Checkpointing | None:
     """The trainer's checkpointing for this run (None when the recipe asks for none and nothing
-    is resumed); a resume with a recipe other than the one that started the run is refused."""
+    is resumed); a resume with a recipe other than the one that started the run is refused.
+    With several processes the main one decides (it holds the run directory) and every process
+    resumes from the same checkpoint; only the main one writes them."""
     wanted = _comparable(json.loads(json.dumps(to_dict(recipe), default=str)))
+    error = None
     if rd.resume_from is not None:
         saved = checkpoint_recipe(rd.resume_from)
         diff = _first_difference(_comparable(saved), wanted) if saved is not None else None
         if diff:
-            raise ValueError(f"cannot resume {rd.resume_from}: the run was started with another recipe ({diff}); "
-                             "resume with the recipe that started it, or start again with output.overwrite=true")
+            error = (f"cannot resume {rd.resume_from}: the run was started with another recipe ({diff}); "
+                     "resume with the recipe that started it, or start again with output.overwrite=true")
+    shared = distributed.broadcast({"error": error, "resume_from": str(rd.resume_from) if rd.resume_from else None})
+    if shared["error"]:
+        raise ValueError(shared["error"])
+    resume_from = Path(shared["resume_from"]) if shared["resume_from"] else None
     every = recipe.train.checkpoint_every
-    if every is None and rd.resume_from is None:
+    if every is None and resume_from is None:
         return None
-    return Checkpointing(root=rd.path, every=every or 10 ** 12, resume_from=rd.resume_from, recipe=wanted)
+    return Checkpointing(root=rd.path, every=every or 10 ** 12, resume_from=resume_from, recipe=wanted)
 
 
 class ScratchDir:
@@ -290,9 +297,6 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     progress = progress and distributed.is_main()
     # a Recipe object is validated again: it may have been edited in Python since it was loaded
     recipe = load_recipe(recipe, list(overrides))
-    if distributed.world()[1] > 1 and (recipe.train.checkpoint_every is not None or recipe.output.resume):
-        raise ValueError("train.checkpoint_every / --resume work in one process only for now; remove them or run "
-                         "without accelerate launch")
     # 0. the method and the task; everything a recipe can get wrong is checked before any model loads
     method_cls, method_config = resolve_method(recipe)
     method = method_cls(method_config)

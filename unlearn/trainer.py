@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from unlearn.adapters import nonfinite_parameter
 from unlearn.checkpoint import Checkpointing, TrainState, load_checkpoint, save_checkpoint
-from unlearn.distributed import all_true, mean_over_processes, world
+from unlearn.distributed import all_true, barrier, is_main, mean_over_processes, world
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,9 +124,6 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     if settings.batch_size < n_proc:
         raise ValueError(f"train.batch_size={settings.batch_size} is smaller than the {n_proc} processes: each "
                          "process takes its share of every batch (train.batch_size is the global batch)")
-    if checkpointing is not None and n_proc > 1:
-        raise ValueError("train.checkpoint_every / --resume work in one process only for now; remove them or run "
-                         "without accelerate launch")
     # several processes: DDP; parameters outside the loss's graph (RMU's upper layers) are searched for
     unused = objective.uses_part_of_the_model()
     trackers = {}
@@ -268,7 +265,9 @@ def _checkpoint(ck: Checkpointing, model, opt, sched, rng, log: TrainLog, positi
     epoch, window, batches = position
     ts = TrainState(step=log.steps, epoch=epoch, window=window, batches=batches, rng=rng.getstate(),
                     history=log.history, seconds=seconds, scheduler=sched.state_dict(), extras={"callback": cb_json})
-    save_checkpoint(ck.root, ts, model, opt, recipe=ck.recipe, extra_tensors=cb_tensors)
+    if is_main():  # several processes hold the same weights and optimizer state (DDP): one writes
+        save_checkpoint(ck.root, ts, model, opt, recipe=ck.recipe, extra_tensors=cb_tensors)
+    barrier()
 
 
 def _nonfinite_weights(model) -> str:
