@@ -1,4 +1,4 @@
-"""Two processes (torch.distributed, gloo, CPU) run the same recipe as one process with the
+"""Two processes (``accelerate launch`` / ``torchrun``, gloo, CPU) run the same recipe as one process with the
 same global batch: one run directory, evaluation shared between the processes, the same
 metrics within float tolerance (each process averages its half of a batch; DDP averages the
 two gradients, which equals the global mean when both halves hold as many answer tokens)."""
@@ -23,7 +23,10 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_CACHE": str(tmp_path / "cache2"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out2 = tmp_path / "two"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    # accelerate's launcher (torchrun underneath; --multi_gpu is its name for "several processes":
+    # the trainer keeps the model on the CPU, so the processes talk over gloo)
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "unlearn.cli", "run", os.path.join(ROOT, "recipes", "quickstart.yaml"), "-q"]
     for s in [*SETS, f"output.dir={out2}"]:
         argv += ["--set", s]
