@@ -1,5 +1,5 @@
 """Command line: ``unlearn run RECIPE [--set key=value ...]``, ``unlearn eval SOURCE``,
-``unlearn list [what]``, ``unlearn zoo list|build``. See ``docs/cli.md``."""
+``unlearn list [what]``, ``unlearn zoo list|build``, ``unlearn bench BENCH.yaml``. See ``docs/cli.md``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,25 @@ def _list(args) -> int:
     cat = catalog(args.what)
     print(json.dumps(cat, indent=1) if args.json else "\n".join(catalog_lines(cat)))
     return 0
+
+
+def _bench(args) -> int:
+    # lazy: the bench module loads recipes (torch, transformers); --help and the other commands do not need it
+    from unlearn import bench
+
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    res = bench.run(args.bench, jobs=args.jobs, dry_run=args.dry_run, out=args.out, progress=say)
+    if args.dry_run:
+        print("\n".join(bench.dry_run_lines(res)))
+        return 0
+    print(f"bench written to {res.out}: {len(res.cells)} cells, {res.ran} run now, "
+          f"{sum(c.status == 'done' for c in res.cells)} done, {len(res.failed)} failed")
+    for s in res.stale:
+        print(f"  stale (recipe no longer in the bench, not used): {res.out / 'cells' / s}")
+    for c in res.failed:
+        print(f"  failed: {c.label} seed {c.seed} [{c.key}]: {c.error}")
+    print(f"  leaderboard: {res.out / 'leaderboard.md'}")
+    return 1 if res.failed else 0
 
 
 def _zoo(args) -> int:
@@ -132,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--part", default="all", choices=["all", "base", "retain", "target", "retain90", "manifest"],
                    help="build one part (base first; then retain and target can run in parallel; then manifest). "
                         "tiny-reader: target or retain90 (in parallel), then manifest")
+    bn = sub.add_parser("bench", help="a grid of recipes (methods x seeds x a sweep), with resume and a leaderboard")
+    bn.add_argument("bench", help="path to a bench YAML (docs/bench.md)")
+    bn.add_argument("--jobs", type=int, default=1, help="cells run at the same time, one process each (default 1)")
+    bn.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    bn.add_argument("--out", metavar="DIR", help="the bench directory (default: the file's out, else runs/bench/<name>)")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no line per finished cell")
     args = p.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
-        return {"run": _run, "eval": _eval, "list": _list, "zoo": _zoo}[args.cmd](args)
+        return {"run": _run, "eval": _eval, "list": _list, "zoo": _zoo, "bench": _bench}[args.cmd](args)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,212 @@
+"""``unlearn bench``: the bootstrap CI, resume, failed and stale cells, matched forgetting, dry-run
+and bench-file checks.
+
+One bench runs real cells (``python -m unlearn.cli run``, a 1-step run on 2 items per split, no
+retain model): one that trains and one whose learning rate (1e30) makes it fail. The other
+benches replace the cell's command by a small script that writes a finished run directory whose
+numbers follow from the recipe (``_FAKE``), so that resume, staleness and the choice of matched
+forgetting are checked without training.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unlearn import bench
+from unlearn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"train.max_steps": 1, "eval.max_items": 2, "task.retain_model": None, "eval.n_samples": 0}
+
+# a stand-in for `unlearn run`: a finished run directory whose forget_prob is 1 - 100 * lr (+ the seed / 1000)
+_FAKE = """
+import json, os, sys, yaml
+r = yaml.safe_load(open(sys.argv[1]))
+d = r["output"]["dir"]
+os.makedirs(d, exist_ok=True)
+fp = 1.0 - 100 * r["train"]["lr"] + r["seed"] / 1000
+s = {"unlearned": {"forget_prob": fp, "model_utility": 0.5 + r["train"]["lr"] * 10 + r["seed"] / 100,
+                   "forget_quality": None},
+     "target": {"forget_prob": 0.99, "model_utility": 0.6}, "max_items": r["eval"]["max_items"], "wall_seconds": 0.1}
+json.dump({"summary": s, "provenance": {"unlearn_version": "0", "python": "3"}}, open(os.path.join(d, "metrics.json"), "w"))
+open(os.path.join(d, ".unlearn-run"), "w").write("{}")
+"""
+
+
+def _bench(tmp_path, methods, **extra) -> dict:
+    return {"name": "t", "base": str(ROOT / "recipes" / "quickstart.yaml"), "set": dict(TINY), "methods": methods,
+            "seeds": [0], "out": str(tmp_path / "bench"), **extra}
+
+
+@pytest.fixture
+def spawns(monkeypatch):
+    """Count the cell processes (``calls``); ``fake(path)`` replaces `unlearn run` by ``_FAKE``."""
+    calls: list[list[str]] = []
+    real = bench._spawn
+    state = {"script": None}
+
+    def spawn(argv, env, log):
+        calls.append(argv)
+        if state["script"] is not None:
+            argv = [sys.executable, state["script"], argv[argv.index("run") + 1]]
+        return real(argv, env, log)
+
+    def fake(tmp_path):
+        p = tmp_path / "fake_run.py"
+        p.write_text(_FAKE)
+        state["script"] = str(p)
+
+    monkeypatch.setattr(bench, "_spawn", spawn)
+    spawn.calls, spawn.fake = calls, fake
+    return spawn
+
+
+def test_bootstrap_ci_matches_the_documented_algorithm_by_hand():
+    x = [0.25, 0.5, 0.75, 1.0, 0.125]
+    mean, lo, hi = bench.bootstrap_ci(x)
+    assert mean == 0.525  # exact: sum / n
+    # by hand: 2000 resamples of n indices from default_rng(0), the mean of each, percentiles 2.5 / 97.5
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(2000):
+        idx = rng.integers(0, len(x), size=len(x))
+        means.append(sum(x[i] for i in idx) / len(x))
+    means.sort()
+
+    def percentile(q):  # linear interpolation between the closest ranks (numpy's default)
+        pos = (len(means) - 1) * q / 100
+        i = int(pos)
+        return means[i] + (means[min(i + 1, len(means) - 1)] - means[i]) * (pos - i)
+
+    assert lo == pytest.approx(percentile(2.5), abs=1e-12)
+    assert hi == pytest.approx(percentile(97.5), abs=1e-12)
+    assert lo < mean < hi
+    assert bench.bootstrap_ci([0.3]) == (0.3, 0.3, 0.3)
+
+
+def test_real_cells_failed_cell_recorded_and_resume_starts_nothing(tmp_path, spawns, monkeypatch):
+    spec = _bench(tmp_path, {"ga": {"name": "grad_ascent"},
+                             "bad": {"name": "grad_ascent", "set": ["train.lr=1.0e30"]}})
+    res = bench.run(spec, jobs=2)
+    assert len(spawns.calls) == 2
+    assert all(a[1:5] == ["-m", "unlearn.cli", "run", a[4]] and "-q" in a for a in spawns.calls)
+    out = Path(spec["out"])
+    df = bench.load(out)
+    assert len(df) == 2
+    ga, bad = df.set_index("method").loc["ga"], df.set_index("method").loc["bad"]
+    assert ga["status"] == "done" and 0 <= ga["unlearned.forget_prob"] <= 1 and "target.model_utility" in df
+    assert ga["wall_s"] > 0 and ga["cpu_s"] > 0 and ga["peak_rss_mib"] > 50 and ga["effective_batch"] == 32
+    assert bad["status"] == "failed" and isinstance(bad["error"], str) and bad["error"]
+    failed = json.loads((out / "cells" / f"{bad['key']}.failed.json").read_text())
+    assert failed["error"] == bad["error"] and failed["recipe"]["train"]["lr"] == 1e30
+    md = (out / "leaderboard.md").read_text()
+    assert "## Failed cells" in md and bad["error"] in md and bad["key"] in md
+    assert "## Run cards" in md and ga["key"] in md and "torch" in md
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "pareto.png" in (out / "index.html").read_text()
+
+    # resume: the finished cell is not run again (a bench without the failing method starts nothing)
+    spawns.calls.clear()
+    again = bench.run(_bench(tmp_path, {"ga": {"name": "grad_ascent"}}))
+    assert spawns.calls == [] and again.ran == 0
+    assert [c.status for c in again.cells] == ["done"]
+    # the failed cell is retried by the next run of the full bench (here by a stand-in that fails at once)
+    retried = []
+
+    def failing(argv, env, log):
+        retried.append(argv)
+        return subprocess.Popen([sys.executable, "-c", "print('error: stand-in failure'); raise SystemExit(2)"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    monkeypatch.setattr(bench, "_spawn", failing)
+    res = bench.run(spec)
+    assert len(retried) == 1 and retried[0][4] == str(out / "cells" / f"{bad['key']}.yaml")
+    assert [c.status for c in res.cells] == ["done", "failed"] and res.ran == 1
+    assert res.cells[1].error == "stand-in failure"
+
+
+def test_stale_cell_is_rerun_and_not_reused(tmp_path, spawns):
+    spawns.fake(tmp_path)
+    spec = _bench(tmp_path, {"ga": {"name": "grad_ascent"}})
+    first = bench.run(spec)
+    old_key = first.cells[0].key
+    assert len(spawns.calls) == 1 and first.cells[0].summary["max_items"] == 2
+    spec["set"]["eval.max_items"] = 3  # the recipe changed: a new key
+    second = bench.run(spec)
+    assert len(spawns.calls) == 2
+    (cell,) = second.cells
+    assert cell.key != old_key and cell.status == "done" and cell.summary["max_items"] == 3
+    assert second.stale == [old_key] and (Path(spec["out"]) / "cells" / old_key).is_dir()
+    df = bench.load(spec["out"])
+    assert list(df["key"]) == [cell.key]
+    assert f"cells/{old_key}" in (Path(spec["out"]) / "leaderboard.md").read_text()
+
+
+def test_matched_forgetting_picks_the_closest_value(tmp_path, spawns):
+    spawns.fake(tmp_path)
+    spec = _bench(tmp_path, {"a": {"name": "grad_ascent"}, "b": {"name": "npo"}}, seeds=[0, 1, 2],
+                  sweep={"key": "train.lr", "values": {"a": [1.0e-3, 3.0e-3, 6.0e-3], "b": [1.0e-3]},
+                         "target": {"metric": "forget_prob", "value": 0.65, "tolerance": 0.1}})
+    res = bench.run(spec)
+    # a: forget_prob 0.9, 0.7, 0.4 -> 3e-3 (0.05 away, within); b: only 1e-3 (0.25 away, not within)
+    assert res.choices["a"]["value"] == 3.0e-3 and res.choices["a"]["within"]
+    assert res.choices["a"]["reached"] == pytest.approx(0.7)
+    assert res.choices["b"]["value"] == 1.0e-3 and not res.choices["b"]["within"]
+    assert len(spawns.calls) == 4 + 2 * 2  # the sweep on seed 0, then the chosen value on seeds 1 and 2
+    df = bench.load(spec["out"])
+    chosen = df[df["chosen"]]
+    assert sorted(zip(chosen["method"], chosen["seed"])) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert set(chosen[chosen["method"] == "a"]["sweep_value"]) == {3.0e-3}
+    md = (Path(spec["out"]) / "leaderboard.md").read_text()
+    board = md.split("## Leaderboard")[1].split("##")[0]
+    assert board.index("| 1 | a |") < board.index("| 2 | b |")
+    assert "## Matched forgetting" in md
+    # ties go to the earlier value
+    cells = [bench.Cell("m", 0, v, True, {}, str(v), 1, "sweep", "done", summary={"unlearned": {"x": fp}})
+             for v, fp in ((1, 0.25), (2, 0.75), (3, 0.5))]
+    assert bench.choose(cells, {"metric": "x", "value": 0.5, "tolerance": 0.0})["value"] == 3
+    assert bench.choose(cells[:2], {"metric": "x", "value": 0.5, "tolerance": 0.0})["value"] == 1
+
+
+def test_dry_run_lists_cells_and_runs_nothing(tmp_path, spawns, capsys):
+    spec = _bench(tmp_path, {"ga": {"name": "grad_ascent"}, "npo": {"name": "npo"}}, seeds=[0, 1])
+    path = tmp_path / "b.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["method", "seed", "sweep", "key", "status"]
+    assert [ln.split()[:2] + ln.split()[-1:] for ln in out[1:]] == [
+        ["ga", "0", "todo"], ["ga", "1", "todo"], ["npo", "0", "todo"], ["npo", "1", "todo"]]
+    assert spawns.calls == [] and not Path(spec["out"]).exists()
+
+
+@pytest.mark.parametrize("change, names", [
+    ({"method": {}}, "key 'method' is not a bench key"),
+    ({"methods": {"ga": {"params": {}}}}, "key 'methods.ga.name' is missing"),
+    ({"methods": {"ga": {"name": "grad_ascent", "lr": 1}}}, "key 'methods.ga.lr' is not a bench key"),
+    ({"seeds": "0"}, "key 'seeds' must be a non-empty list"),
+    ({"methods": {"ga": {"name": "grad_ascnet"}}}, "'method.name' is 'grad_ascnet'"),
+    ({"set": {"train.lrr": 1}}, "'train.lrr'"),
+    ({"sweep": {"key": "train.lr", "values": [1.0e-3]}}, "key 'sweep.target' is missing"),
+])
+def test_bad_bench_file_is_one_clear_error(tmp_path, spawns, capsys, change, names):
+    spec = {**_bench(tmp_path, {"ga": {"name": "grad_ascent"}}), **change}
+    with pytest.raises(bench.BenchError, match=None) as e:
+        bench.run(spec)
+    assert names in str(e.value) and "\n" not in str(e.value)
+    path = tmp_path / "b.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bench file") and names in err[0]
+    assert spawns.calls == []
