@@ -93,8 +93,15 @@ def test_bootstrap_ci_matches_the_documented_algorithm_by_hand():
 def test_real_cells_failed_cell_recorded_and_resume_starts_nothing(tmp_path, spawns, monkeypatch):
     spec = _bench(tmp_path, {"ga": {"name": "grad_ascent"},
                              "bad": {"name": "grad_ascent", "set": ["train.lr=1.0e30"]}})
+    # a bench killed with -9 leaves a partial cell directory: the cell's next run removes it
+    planned = bench.run(spec, dry_run=True)
+    ga_key = planned.cells[0].key
+    partial = Path(spec["out"]) / "cells" / f".{ga_key}.partial-killed"
+    partial.mkdir(parents=True)
+    (partial / ".unlearn-partial").write_text("pid 1, started earlier\n")
     res = bench.run(spec, jobs=2)
     assert len(spawns.calls) == 2
+    assert not partial.exists() and "removed" in (partial.parent / f"{ga_key}.log").read_text()
     assert all(a[1:5] == ["-m", "unlearn.cli", "run", a[4]] and "-q" in a for a in spawns.calls)
     out = Path(spec["out"])
     df = bench.load(out)
