@@ -137,6 +137,8 @@ RECIPE_CASES = [
      "forget10.json"),
     ("diverged-training", ["train.lr=1.0e30", "train.max_steps=3", "eval.max_items=2", "task.retain_model=null"],
      "training diverged"),
+    ("outputs-overflow-after-one-step", ["train.lr=1.0e30", "train.max_steps=1"],
+     "the model's loss on the forget set is not finite (largest weight magnitude"),
 ]
 
 

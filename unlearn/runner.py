@@ -154,6 +154,17 @@ def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | 
                    selected=selected, seconds=time.time() - t0)
 
 
+def _check_outputs_finite(adapter, data, recipe) -> None:
+    """One forward pass on two forget items: finite weights can still be so large that the
+    model's outputs overflow (a far too large learning rate); say so, not a NaN deep in a metric."""
+    with torch.no_grad():
+        nll, _ = adapter.item_nll(adapter.collate(data.forget[:2]))
+    if not torch.isfinite(nll).all():
+        biggest = max((float(p.detach().abs().max()) for p in adapter.model.parameters() if p.numel()), default=0.0)
+        raise TrainingDiverged(f"after {recipe.method.name!r} the model's loss on the forget set is not finite "
+                               f"(largest weight magnitude {biggest:.3g}); lower train.lr")
+
+
 def _check_attacks(recipe, modality: str) -> bool:
     """Build every attack of ``eval.attacks`` once (its settings checked) before anything runs;
     True if one of them needs the model before unlearning."""
@@ -347,6 +358,7 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
         bad = nonfinite_parameter(adapter.model)
         if bad is not None:  # an editor's closed form can diverge too; never evaluate or save such weights
             raise TrainingDiverged(f"method {recipe.method.name!r} left non-finite weights in {bad}")
+        _check_outputs_finite(adapter, data, recipe)
 
         # 4. the unlearned model: evaluation, what the report shows, probes, attacks
         adapter.fingerprint(refresh=True)
