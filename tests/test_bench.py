@@ -217,3 +217,36 @@ def test_bad_bench_file_is_one_clear_error(tmp_path, spawns, capsys, change, nam
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: bench file") and names in err[0]
     assert spawns.calls == []
+
+
+def test_an_unswept_method_is_judged_against_the_target_by_its_own_result(tmp_path, spawns):
+    spawns.fake(tmp_path)
+    # c is not swept (an editor has no learning rate): at the base lr 1e-3 the stand-in reaches
+    # forget_prob 0.9, on the target; a's only value 3e-3 reaches 0.7, outside the tolerance
+    spec = _bench(tmp_path, {"a": {"name": "grad_ascent"}, "c": {"name": "npo"}}, seeds=[0],
+                  sweep={"key": "train.lr", "values": {"a": [3.0e-3]},
+                         "target": {"metric": "forget_prob", "value": 0.9, "tolerance": 0.05}})
+    bench.run(spec)
+    board = (Path(spec["out"]) / "leaderboard.md").read_text().split("## Leaderboard")[1].split("##")[0]
+    row_c = next(line for line in board.splitlines() if "| c |" in line)
+    row_a = next(line for line in board.splitlines() if "| a |" in line)
+    assert row_c.startswith("| 1 | c |") and row_c.rstrip().endswith("| yes |")
+    assert row_a.startswith("| 2 | a |") and row_a.rstrip().endswith("| no |")
+
+
+def test_within_the_tolerance_the_best_utility_wins_not_the_closest():
+    from unlearn.bench import Cell, choose
+
+    def cell(value, forget, utility):
+        c = Cell.__new__(Cell)
+        c.value, c.status, c.summary = value, "done", {"unlearned": {"erasure_explicit": forget,
+                                                                     "retain_in_domain": utility}}
+        return c
+
+    target = {"metric": "erasure_explicit", "value": 1.0, "tolerance": 0.2}
+    # the image bench's ESD-x sweep: 1e-3 -> 0.833 / 1.000, 3e-3 -> 1.000 / 0.583
+    ch = choose([cell(1e-3, 0.8333, 1.0), cell(3e-3, 1.0, 0.5833)], target, "retain_in_domain")
+    assert ch["value"] == 1e-3 and ch["within"] and ch["reached"] == pytest.approx(0.8333)
+    # none within: the closest
+    ch = choose([cell(1e-3, 0.1, 1.0), cell(3e-3, 0.5, 0.2)], target, "retain_in_domain")
+    assert ch["value"] == 3e-3 and not ch["within"]
