@@ -250,3 +250,15 @@ def test_within_the_tolerance_the_best_utility_wins_not_the_closest():
     # none within: the closest
     ch = choose([cell(1e-3, 0.1, 1.0), cell(3e-3, 0.5, 0.2)], target, "retain_in_domain")
     assert ch["value"] == 3e-3 and not ch["within"]
+
+
+def test_outside_the_tolerance_the_closest_ranks_first_not_the_most_forgotten(tmp_path, spawns):
+    spawns.fake(tmp_path)
+    # the stand-in: lr 1e-3 -> forget_prob 0.9, 6e-3 -> 0.4; target 0.95 +- 0.01: nobody within;
+    # a (0.9) is 0.05 away, b (0.4) forgot more but is 0.55 away
+    spec = _bench(tmp_path, {"a": {"name": "grad_ascent"}, "b": {"name": "npo"}}, seeds=[0],
+                  sweep={"key": "train.lr", "values": {"a": [1.0e-3], "b": [6.0e-3]},
+                         "target": {"metric": "forget_prob", "value": 0.95, "tolerance": 0.01}})
+    bench.run(spec)
+    board = (Path(spec["out"]) / "leaderboard.md").read_text().split("## Leaderboard")[1].split("##")[0]
+    assert board.index("| 1 | a |") < board.index("| 2 | b |")

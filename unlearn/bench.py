@@ -669,20 +669,28 @@ def tables(bench: Bench, res: BenchResult) -> list[tuple[str, str, list[str], li
         u = bootstrap_ci([r.get(f"unlearned.{ukey}") for r in done]) if ukey else (math.nan,) * 3
         ch = res.choices.get(m.label)
         within = ch["within"] if ch is not None else None
-        if ch is None and bench.target and done:  # not swept (an editor without a knob): judge its result itself
+        distance = math.nan  # of the method's mean result (chosen setting, all seeds) from the target
+        if bench.target and done:
             reached = [r.get(f"unlearned.{bench.target['metric']}") for r in done]
             reached = [v for v in reached if v is not None and not (isinstance(v, float) and math.isnan(v))]
             if reached:
-                within = abs(float(np.mean(reached)) - bench.target["value"]) <= bench.target["tolerance"] + 1e-12
+                distance = abs(float(np.mean(reached)) - bench.target["value"])
+                if ch is None:  # not swept (an editor without a knob): judge its result itself
+                    within = distance <= bench.target["tolerance"] + 1e-12
         board.append({"label": m.label, "name": m.name, "n": len(done), "of": len(by_method[m.label]), "f": f, "u": u,
-                      "within": within, "value": ch["value"] if ch else None})
+                      "within": within, "value": ch["value"] if ch else None, "distance": distance})
 
-    def sort_key(b):  # within the tolerance by utility, then the others by forgetting; methods without results last
+    def sort_key(b):
+        """Within the tolerance by utility; then, with a target, the others by how close they came
+        to it (a collapsed model "forgets most" but is no better matched); without a target by
+        forgetting; methods without results last."""
         fsigned = b["f"][0] if f_higher else -b["f"][0]
         if not b["n"]:
             return (2, 0.0)
         if b["within"]:
             return (0, -(b["u"][0] if not math.isnan(b["u"][0]) else -math.inf))
+        if bench.target:
+            return (1, b["distance"] if not math.isnan(b["distance"]) else math.inf)
         return (1, -(fsigned if not math.isnan(fsigned) else -math.inf))
 
     board.sort(key=sort_key)
@@ -700,7 +708,8 @@ def tables(bench: Bench, res: BenchResult) -> list[tuple[str, str, list[str], li
         body.append(r)
     if bench.target:
         rank_text = (f"Ranked by {ulabel or 'utility'} among the methods whose matched forgetting (an unswept "
-                     f"method: its own result) is within the tolerance, then the others by {flabel}. ")
+                     f"method: its own result) is within the tolerance, then the others by the distance of their "
+                     f"mean {bench.target['metric']} from the target. ")
     else:
         rank_text = f"Ranked by {flabel} (most forgotten first). "
     out = [("Leaderboard", rank_text + f"Mean over the seeds of the chosen setting and a {ci} (percentile bootstrap "
