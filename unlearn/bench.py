@@ -152,6 +152,17 @@ def _check_keys(where: str, prefix: str, data: dict, allowed: tuple[str, ...]) -
                        f"{', '.join(allowed)}{suggest(k, allowed)}")
 
 
+def _required_mapping(where: str, name: str, data: Any, keys: tuple[str, ...], shape: str) -> dict:
+    """``data`` as a mapping holding exactly ``keys`` (all required), or the error naming ``name``."""
+    if not isinstance(data, dict):
+        raise _err(where, name, f"must be a mapping {{{shape}}}, got {_type(data)}")
+    _check_keys(where, name, data, keys)
+    for k in keys:
+        if k not in data:
+            raise _err(where, f"{name}.{k}", "is missing")
+    return data
+
+
 def _overrides(where: str, key: str, value: Any) -> dict:
     """``set``: a list of ``dotted.key=value`` strings (as ``--set``) or a mapping dotted key -> value."""
     if value is None:
@@ -248,12 +259,7 @@ def parse(src: str | Path | dict, out: str | Path | None = None) -> Bench:
     sweep = data.get("sweep")
     sweep_key, target, values = None, None, None
     if sweep is not None:
-        if not isinstance(sweep, dict):
-            raise _err(where, "sweep", f"must be a mapping {{key, values, target}}, got {_type(sweep)}")
-        _check_keys(where, "sweep", sweep, SWEEP_KEYS)
-        for k in SWEEP_KEYS:
-            if k not in sweep:
-                raise _err(where, f"sweep.{k}", "is missing")
+        _required_mapping(where, "sweep", sweep, SWEEP_KEYS, "key, values, target")
         sweep_key = sweep["key"]
         if not isinstance(sweep_key, str) or not re.match(r"^[a-z_]+(\.[A-Za-z0-9_]+)+$", sweep_key):
             raise _err(where, "sweep.key", f"must be a dotted recipe key such as train.lr, got {sweep_key!r}")
@@ -274,13 +280,7 @@ def parse(src: str | Path | dict, out: str | Path | None = None) -> Bench:
             if len({json.dumps(v, sort_keys=True, default=str) for v in vals}) != len(vals):
                 raise _err(where, f"sweep.values.{label}" if isinstance(sweep["values"], dict) else "sweep.values",
                            f"lists a value twice: {vals!r}")
-        target = sweep["target"]
-        if not isinstance(target, dict):
-            raise _err(where, "sweep.target", f"must be a mapping {{metric, value, tolerance}}, got {_type(target)}")
-        _check_keys(where, "sweep.target", target, TARGET_KEYS)
-        for k in TARGET_KEYS:
-            if k not in target:
-                raise _err(where, f"sweep.target.{k}", "is missing")
+        target = _required_mapping(where, "sweep.target", sweep["target"], TARGET_KEYS, "metric, value, tolerance")
         if not isinstance(target["metric"], str) or not target["metric"]:
             raise _err(where, "sweep.target.metric", f"must be a summary key such as forget_prob, got {target['metric']!r}")
         if not _number(target["value"]):

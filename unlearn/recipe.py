@@ -315,13 +315,7 @@ class TrainSpec:
         _positive(self, "epochs", "lr", "batch_size", "grad_accum")
         _positive(self, "max_steps", "max_grad_norm", "eval_every", "eval_max_items", "checkpoint_every",
                   allow_none=True)
-        known = [t for t in TRACKERS]
-        for i, name in enumerate(self.report_to):
-            if name not in known:
-                raise invalid(f"report_to[{i}]", f"is {name!r}, not a tracker accelerate knows; allowed: "
-                                                 f"{', '.join(known)}" + suggest(name, known))
-        if len(set(self.report_to)) != len(self.report_to):
-            raise invalid("report_to", f"names a tracker twice: {self.report_to}")
+        _check_named_list(self.report_to, {}, "report_to", "tracker", tuple(TRACKERS))
         if self.select_best != "last" and not self.evaluates_during_training:
             raise invalid("select_best", f"is {self.select_best!r}, which needs evaluations during training: "
                                          f"set {key_path('eval_every')} or {key_path('eval_every_epoch')}")
