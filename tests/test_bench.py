@@ -34,7 +34,13 @@ fp = 1.0 - 100 * r["train"]["lr"] + r["seed"] / 1000
 s = {"unlearned": {"forget_prob": fp, "model_utility": 0.5 + r["train"]["lr"] * 10 + r["seed"] / 100,
                    "forget_quality": None},
      "target": {"forget_prob": 0.99, "model_utility": 0.6}, "max_items": r["eval"]["max_items"], "wall_seconds": 0.1}
-json.dump({"summary": s, "provenance": {"unlearn_version": "0", "python": "3"}}, open(os.path.join(d, "metrics.json"), "w"))
+m = {"summary": s, "provenance": {"unlearn_version": "0", "python": "3", "libraries": {"torch": "9.9"}}}
+# eval.attacks: prob before = forget_prob / 2, after = before + 0.1 * (position + 1) + seed / 100
+b = fp / 2
+m["attacks"] = {"unlearned": {n: {"before": {"prob": b, "rouge": 0.5}, "after": {"prob": b + 0.1 * (i + 1) + r["seed"] / 100,
+                "rouge": 0.5}, "delta": {"prob": 0.1 * (i + 1) + r["seed"] / 100, "rouge": 0.0}, "items": 2}
+                for i, n in enumerate(r["eval"].get("attacks") or [])}}
+json.dump(m, open(os.path.join(d, "metrics.json"), "w"))
 open(os.path.join(d, ".unlearn-run"), "w").write("{}")
 """
 
@@ -262,3 +268,102 @@ def test_outside_the_tolerance_the_closest_ranks_first_not_the_most_forgotten(tm
     bench.run(spec)
     board = (Path(spec["out"]) / "leaderboard.md").read_text().split("## Leaderboard")[1].split("##")[0]
     assert board.index("| 1 | a |") < board.index("| 2 | b |")
+
+
+def _captured_figures(monkeypatch) -> dict:
+    """``bench._save`` records each figure (by file name) before writing it."""
+    figs = {}
+    real = bench._save
+
+    def save(fig, path):
+        figs[Path(path).name] = fig
+        real(fig, path)
+
+    monkeypatch.setattr(bench, "_save", save)
+    return figs
+
+
+def _bar_groups(ax) -> list:
+    from matplotlib.container import BarContainer
+
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def _bar_ci(ax) -> list[tuple[float, float, float]]:
+    """``(height, error low end, error high end)`` of the bars of the first bar group of ``ax``."""
+    container = _bar_groups(ax)[0]
+    segs = container.errorbar.lines[2][0].get_segments()
+    return [(p.get_height(), s[0][1], s[1][1]) for p, s in zip(container.patches, segs)]
+
+
+def test_metric_bars_and_attack_deltas_with_bootstrap_cis(tmp_path, spawns, monkeypatch):
+    spawns.fake(tmp_path)
+    figs = _captured_figures(monkeypatch)
+    spec = _bench(tmp_path, {"a": {"name": "grad_ascent"}, "b": {"name": "npo", "set": {"train.lr": 2.0e-3}}},
+                  seeds=[0, 1, 2])
+    spec["set"]["eval.attacks"] = ["paraphrase", "relearn"]
+    res = bench.run(spec)
+    out = Path(spec["out"])
+    lr_a = res.cells[0].recipe["train"]["lr"]
+    # headline metrics: the stand-in gives model_utility 0.5 + 10 lr + seed / 100 and no forget quality
+    md = (out / "leaderboard.md").read_text()
+    sec = md.split("## Headline metrics")[1].split("\n## ")[0]
+    assert "model utility (↑)" in sec and "forget Prob (↓)" in sec and "forget quality" not in sec
+    mu_b = bench.bootstrap_ci([0.5 + 2.0e-2 + s / 100 for s in (0, 1, 2)])
+    row_b = next(ln for ln in sec.splitlines() if ln.startswith("| b |"))
+    assert f"{mu_b[0]:.4g} [{mu_b[1]:.4g}, {mu_b[2]:.4g}]" in row_b and "| 3 |" in row_b
+    # metrics.png: a panel per headline metric, a bar per method at its mean, the CI as error bars
+    panels = [ax for ax in figs["metrics.png"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["model utility (↑)", "forget Prob (↓)"]
+    mu_a = bench.bootstrap_ci([0.5 + lr_a * 10 + s / 100 for s in (0, 1, 2)])
+    for got, want in zip(_bar_ci(panels[0]), (mu_a, mu_b)):
+        assert got == pytest.approx(want)
+    assert (out / "metrics.png").stat().st_size > 1000
+    # attack deltas: relearn (second attack) moves prob by 0.2 + seed / 100
+    sec = md.split("## Attack deltas")[1].split("\n## ")[0]
+    d = bench.bootstrap_ci([0.2 + s / 100 for s in (0, 1, 2)])
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| b | relearn | prob |"))
+    assert f"| {d[0]:.4g} | [{d[1]:.4g}, {d[2]:.4g}] |" in row
+    df = bench.load(out)
+    assert df[df["method"] == "b"]["attack.relearn.prob.delta"].tolist() == pytest.approx([0.2, 0.21, 0.22])
+    # attacks.png: a panel per attack, before and after of prob (TOFU's forget number is forget_prob)
+    panels = [ax for ax in figs["attacks.png"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["paraphrase: prob", "relearn: prob"]
+    before, after = _bar_groups(panels[1])
+    fp_b = [1.0 - 100 * 2.0e-3 + s / 1000 for s in (0, 1, 2)]
+    assert before.patches[1].get_height() == pytest.approx(np.mean(fp_b) / 2)
+    assert after.patches[1].get_height() == pytest.approx(np.mean(fp_b) / 2 + 0.21)
+    page = (out / "index.html").read_text()
+    assert all(f"src='{p}'" in page for p in ("pareto.png", "metrics.png", "attacks.png")) and "Attack deltas" in page
+    assert "![forget metric before and after each attack](attacks.png)" in md
+
+    # the same bench without attacks: no attack section, and the old attacks.png is removed
+    spec["set"]["eval.attacks"] = []
+    bench.run(spec)
+    assert "Attack deltas" not in (out / "leaderboard.md").read_text() and not (out / "attacks.png").exists()
+
+
+def test_attack_forget_metric_follows_the_tasks_forget_key():
+    assert bench.attack_forget_metric("forget_prob", ["rouge", "prob", "truth_ratio"]) == "prob"
+    assert bench.attack_forget_metric("erasure_explicit", ["retain", "forget_implicit", "forget_explicit"]) == \
+        "forget_explicit"
+    assert bench.attack_forget_metric("other", ["x", "y"]) == "x"
+
+
+def test_run_card_has_recipe_hash_seed_versions_and_usage(tmp_path, spawns):
+    spawns.fake(tmp_path)
+    spec = _bench(tmp_path, {"ga": {"name": "grad_ascent", "set": {"train.grad_accum": 2}}}, seeds=[3])
+    res = bench.run(spec)
+    (cell,) = res.cells
+    assert cell.key == bench.content_key(cell.recipe)
+    row = bench.load(spec["out"]).iloc[0]
+    assert row["key"] == cell.key and row["seed"] == 3
+    assert row["unlearn_version"] == 0 and row["torch"] == 9.9  # the stand-in's provenance (read back by pandas)
+    assert row["wall_s"] > 0 and row["cpu_s"] >= 0 and row["peak_rss_mib"] > 0 and row["processes"] == 1
+    assert row["effective_batch"] == 2 * cell.recipe["train"]["batch_size"]
+    cards = (Path(spec["out"]) / "leaderboard.md").read_text().split("## Run cards")[1]
+    head, _, line = cards.strip().splitlines()[2:5]
+    assert head.split(" | ")[3] == "recipe hash"
+    cols = [x.strip() for x in line.strip("| ").split(" | ")]
+    assert cols[:5] == ["ga", "3", "—", cell.key, "done"] and cols[5] == "unlearn 0, python 3, torch 9.9"
+    assert cols[-2:] == ["1", str(2 * cell.recipe["train"]["batch_size"])]

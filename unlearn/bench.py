@@ -60,6 +60,7 @@ SWEEP_KEYS = ("key", "values", "target")
 TARGET_KEYS = ("metric", "value", "tolerance")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 N_RESAMPLES = 2000
+VERSION_LIBS = ("torch", "transformers", "diffusers")  # the libraries a run card names (with unlearn and python)
 CI_LEVEL = 0.95
 
 
@@ -134,6 +135,7 @@ class Cell:
     summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
+    attacks: dict = field(default_factory=dict)  # metrics.json attacks of the unlearned model: name -> result
 
 
 def _err(where: str, key: str, msg: str) -> BenchError:
@@ -205,6 +207,11 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(values) -> list[float]:
+    """The numbers among ``values`` (None, text and booleans left out)."""
+    return [float(v) for v in values if _number(v)]
 
 
 def parse(src: str | Path | dict, out: str | Path | None = None) -> Bench:
@@ -404,6 +411,7 @@ def _read_done(cell: Cell, run_dir: Path, cells_dir: Path) -> None:
     cell.status, cell.error = "done", None
     cell.summary = m.get("summary", {})
     cell.provenance = m.get("provenance", {})
+    cell.attacks = (m.get("attacks") or {}).get("unlearned") or {}
     if not cell.usage:
         try:
             cell.usage = json.loads((cells_dir / f"{cell.key}.usage.json").read_text())
@@ -611,10 +619,31 @@ def rows(res: BenchResult) -> list[dict]:
             for k, v in sorted(c.summary.get(model, {}).items()):
                 if _number(v):
                     row[f"{model}.{k}"] = v
+        row.update(_attack_columns(c.attacks))
         u = c.usage or {}
         row.update(wall_s=u.get("wall_s"), cpu_s=u.get("cpu_s"), peak_rss_mib=u.get("peak_rss_mib"),
                    processes=u.get("processes", 1), effective_batch=c.effective_batch)
+        row.update(_version_columns(c.provenance))
         out.append(row)
+    return out
+
+
+def _version_columns(p: dict | None) -> dict:
+    """The run card's versions (from the run's provenance) as CSV columns; empty for a cell without one."""
+    p = p or {}
+    libs = p.get("libraries") or {}
+    return {"unlearn_version": p.get("unlearn_version"), "python": p.get("python"),
+            **{lib: libs.get(lib) for lib in VERSION_LIBS}, "git_commit": (p.get("git") or {}).get("commit")}
+
+
+def _attack_columns(attacks: dict) -> dict:
+    """``attack.<name>.<metric>.{before,after,delta}`` for every numeric metric of every attack result."""
+    out = {}
+    for name, r in attacks.items():
+        for part in ("before", "after", "delta"):
+            for k, v in ((r or {}).get(part) or {}).items():
+                if _number(v):
+                    out[f"attack.{name}.{k}.{part}"] = v
     return out
 
 
@@ -629,7 +658,8 @@ def _csv(rs: list[dict]) -> str:
                 cols.append(k)
     # the model columns after the identifying ones, usage last
     head = ["method", "seed", "sweep_value", "key", "status", "error", "phase", "chosen"]
-    tail = ["wall_s", "cpu_s", "peak_rss_mib", "processes", "effective_batch"]
+    tail = ["wall_s", "cpu_s", "peak_rss_mib", "processes", "effective_batch", "unlearn_version", "python",
+            *VERSION_LIBS, "git_commit"]
     mid = sorted(c for c in cols if c not in head and c not in tail)
     cols = head + mid + tail
     buf = io.StringIO()
@@ -724,6 +754,7 @@ def tables(bench: Bench, res: BenchResult) -> list[tuple[str, str, list[str], li
                     f"with seed {bench.seeds[0]}.",
                     ["method", f"chosen {bench.sweep_key}", f"{t['metric']} reached", "distance", "within tolerance",
                      "note"], mt))
+    out += _metric_and_attack_tables(bench, res)
     failed = [c for c in res.cells if c.status == "failed"]
     out.append(("Failed cells", "None." if not failed else "Each is run again by the next `unlearn bench`.",
                 ["method", "seed", "sweep value", "key", "error"],
@@ -741,15 +772,17 @@ def tables(bench: Bench, res: BenchResult) -> list[tuple[str, str, list[str], li
             continue
         p = c.provenance or {}
         libs = p.get("libraries") or {}
-        versions = ", ".join(f"{k} {libs[k]}" for k in ("torch", "transformers") if libs.get(k))
+        versions = ", ".join(f"{k} {libs[k]}" for k in VERSION_LIBS if libs.get(k))
         ver = (f"unlearn {p.get('unlearn_version')}, python {p.get('python')}" + (f", {versions}" if versions else "")
                + (f", git {str((p.get('git') or {}).get('commit'))[:10]}" if (p.get("git") or {}).get("commit") else "")
                ) if p else None
         u = c.usage or {}
         cards.append([c.label, c.seed, c.value, c.key, c.status, ver, u.get("wall_s"), u.get("cpu_s"),
                       u.get("peak_rss_mib"), u.get("processes", 1), c.effective_batch])
-    out.append(("Run cards", "One per cell: versions from the run's provenance; usage of the cell's process "
-                "(os.wait4).", ["method", "seed", "sweep value", "recipe key", "status", "versions", "wall s", "CPU s",
+    out.append(("Run cards", "One per cell: the recipe hash (the cell key: SHA-256 of the resolved recipe without "
+                "its output section, first 16 hex digits); versions from the run's provenance; usage of the cell's "
+                "process (os.wait4); effective batch = batch size x gradient accumulation x processes.",
+                ["method", "seed", "sweep value", "recipe hash", "status", "versions", "wall s", "CPU s",
                                 "peak RSS MiB", "processes", "effective batch"], cards))
     return out
 
@@ -758,15 +791,89 @@ def _ci(t: tuple[float, float, float]) -> str:
     return "—" if math.isnan(t[1]) else f"[{t[1]:.4g}, {t[2]:.4g}]"
 
 
+def _mean_ci(t: tuple[float, float, float]) -> str:
+    return "—" if math.isnan(t[0]) else f"{t[0]:.4g} {_ci(t)}"
+
+
+def _chosen_done(bench: Bench, res: BenchResult) -> dict[str, list[Cell]]:
+    """Per method label, its finished cells at the chosen setting (unswept: every seed)."""
+    chosen = {label: ch["value"] for label, ch in res.choices.items()}
+    out: dict[str, list[Cell]] = {m.label: [] for m in bench.methods}
+    for c in res.cells:
+        at_choice = c.label not in chosen or (chosen[c.label] is not None and c.value == chosen[c.label])
+        if c.status == "done" and at_choice:
+            out[c.label].append(c)
+    return out
+
+
+def metric_stats(bench: Bench, res: BenchResult) -> tuple[list[tuple[str, str]], dict[str, dict[str, tuple]]]:
+    """The task's headline metrics that some finished cell at a chosen setting has (``(key, label)``),
+    and per method ``{key: (mean, low, high)}`` (:func:`bootstrap_ci` over the seeds of its chosen setting)."""
+    task = _task_numbers(bench)[0]
+    per = _chosen_done(bench, res)
+    keys = [(k, label) for k, label in task.headline
+            if any(_metric(c, k) is not None for cells in per.values() for c in cells)]
+    stats = {label: {k: bootstrap_ci([_metric(c, k) for c in cells]) for k, _ in keys} for label, cells in per.items()}
+    return keys, stats
+
+
+def attack_stats(bench: Bench, res: BenchResult) -> list[dict]:
+    """For every method (finished cells at its chosen setting whose runs ran ``eval.attacks``), attack
+    and numeric metric of the attack results: ``{method, attack, metric, n, before, after, delta}``,
+    each of before/after/delta ``(mean, low, high)`` over the seeds; delta = after - before."""
+    out = []
+    for label, cells in _chosen_done(bench, res).items():
+        names = list(dict.fromkeys(n for c in cells for n in c.attacks))
+        for name in names:
+            results = [c.attacks[name] or {} for c in cells if name in c.attacks]
+            metrics = list(dict.fromkeys(k for r in results for k, v in (r.get("before") or {}).items() if _number(v)))
+            for k in metrics:
+                parts = {part: bootstrap_ci(_numbers((r.get(part) or {}).get(k) for r in results))
+                         for part in ("before", "after", "delta")}
+                out.append({"method": label, "attack": name, "metric": k, "n": len(results), **parts})
+    return out
+
+
+def attack_forget_metric(forget_key: str, metrics: list[str]) -> str | None:
+    """The attack-result key that stands for the task's forget number, shown in ``attacks.png``: the
+    key itself, or one that ``forget_key`` ends with (forget_prob -> ``prob``), or one that ends with
+    the forget key's last word (erasure_explicit -> ``forget_explicit``); else the first key."""
+    tail = forget_key.rsplit("_", 1)[-1]
+    for k in metrics:
+        if k == forget_key or forget_key.endswith("_" + k) or k.endswith("_" + tail):
+            return k
+    return metrics[0] if metrics else None
+
+
+def _metric_and_attack_tables(bench: Bench, res: BenchResult) -> list[tuple[str, str, list[str], list[list[Any]]]]:
+    """The leaderboard's "Headline metrics" and (when some run ran attacks) "Attack deltas" sections."""
+    keys, stats = metric_stats(bench, res)
+    per = _chosen_done(bench, res)
+    ci = f"{int(CI_LEVEL * 100)} % CI"
+    out = [("Headline metrics", f"Every headline metric of the task per method at its chosen setting: mean [{ci}] "
+            "over its seeds (`metrics.png`: the same as bars with the CI as error bars).",
+            ["method", "seeds done"] + [label for _, label in keys],
+            [[m.label, len(per[m.label])] + [_mean_ci(stats[m.label][k]) for k, _ in keys] for m in bench.methods])]
+    rows_ = attack_stats(bench, res)
+    if rows_:
+        fkey, f_higher = _task_numbers(bench)[1]
+        back = "negative" if f_higher else "positive"
+        out.append(("Attack deltas", f"The unlearned model's forget metrics before and after each attack of "
+                    f"`eval.attacks` (mean [{ci}] over the seeds of the chosen setting); delta = after - before. "
+                    f"The task's forget number ({fkey}) is {'higher' if f_higher else 'lower'} when more is "
+                    f"forgotten, so a {back} delta of its metric means the attack brought back what was forgotten "
+                    "(`attacks.png`: before and after per attack).",
+                    ["method", "attack", "metric", "seeds", "before", "after", "delta", f"delta {ci}"],
+                    [[r["method"], r["attack"], r["metric"], r["n"], r["before"][0], r["after"][0], r["delta"][0],
+                      _ci(r["delta"])] for r in rows_]))
+    return out
+
+
 def _pareto_png(bench: Bench, res: BenchResult, path: Path) -> bool:
     task, (fkey, f_higher), ukey, labels = _task_numbers(bench)
     pts = [(c, _metric(c, fkey), _metric(c, ukey) if ukey else None) for c in res.cells if c.status == "done"]
     pts = [(c, f, u) for c, f, u in pts if f is not None and u is not None]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     if pts:
         front = set(pareto_front([(f if f_higher else -f, u) for _, f, u in pts]))
@@ -785,21 +892,104 @@ def _pareto_png(bench: Bench, res: BenchResult, path: Path) -> bool:
     ax.set_xlabel(labels.get(fkey, fkey))
     ax.set_ylabel(labels.get(ukey, ukey) if ukey else "utility")
     ax.set_title(f"{bench.name}: every finished cell")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
     return True
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def _panels(plt, n: int, width: float = 3.6, height: float = 3.2):
+    """A figure of ``n`` panels, at most three a row; the unused ones hidden."""
+    cols = min(3, max(n, 1))
+    nrows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(width * cols, height * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:max(n, 1)]
+
+
+def _bars(ax, labels: list[str], stats: list[tuple[float, float, float]], offset: float = 0.0, width: float = 0.8,
+          **kw) -> None:
+    """One bar per label at its mean, the CI as error bars (labels without a mean: no bar)."""
+    xs = [i + offset for i, t in enumerate(stats) if not math.isnan(t[0])]
+    kept = [t for t in stats if not math.isnan(t[0])]
+    if kept:
+        err = [[max(t[0] - t[1], 0.0) for t in kept], [max(t[2] - t[0], 0.0) for t in kept]]
+        ax.bar(xs, [t[0] for t in kept], width, yerr=err, capsize=3, **kw)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+
+
+def _metrics_png(bench: Bench, res: BenchResult, path: Path) -> None:
+    """``metrics.png``: a panel per headline metric, a bar per method (chosen setting, mean over its
+    seeds) with the bootstrap CI as error bars."""
+    keys, stats = metric_stats(bench, res)
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(keys))
+    labels = [m.label for m in bench.methods]
+    for ax, (k, label) in zip(axes, keys):
+        _bars(ax, labels, [stats[m][k] for m in labels], color="tab:blue")
+        ax.set_title(label, fontsize=9)
+    if not keys:
+        axes[0].text(0.5, 0.5, "no finished cell", ha="center", va="center", transform=axes[0].transAxes)
+    fig.suptitle(f"{bench.name}: chosen setting per method, mean and {int(CI_LEVEL * 100)} % CI over seeds", fontsize=10)
+    _save(fig, path)
+
+
+def _attacks_png(bench: Bench, rows_: list[dict], path: Path) -> None:
+    """``attacks.png``: a panel per attack, per method the forget metric before and after it."""
+    fkey = _task_numbers(bench)[1][0]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows_))
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(attacks))
+    for ax, name in zip(axes, attacks):
+        mine = [r for r in rows_ if r["attack"] == name]
+        metric = attack_forget_metric(fkey, list(dict.fromkeys(r["metric"] for r in mine)))
+        mine = [r for r in mine if r["metric"] == metric]
+        labels = [r["method"] for r in mine]
+        _bars(ax, labels, [r["before"] for r in mine], -0.2, 0.4, color="tab:gray", label="before")
+        _bars(ax, labels, [r["after"] for r in mine], 0.2, 0.4, color="tab:red", label="after")
+        ax.set_title(f"{name}: {metric}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{bench.name}: forget metric before and after each attack (unlearned model)", fontsize=10)
+    _save(fig, path)
+
+
 def write_leaderboard(bench: Bench, res: BenchResult) -> None:
-    """``results.csv``, ``leaderboard.md``, ``pareto.png`` and ``index.html`` in the bench's directory
-    (each written atomically)."""
+    """``results.csv``, ``leaderboard.md``, ``index.html`` and the plots (``pareto.png``,
+    ``metrics.png``, and ``attacks.png`` when some run ran attacks) in the bench's directory (each
+    written atomically; an ``attacks.png`` left from an earlier run without attacks is removed)."""
     out = bench.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.csv", _csv(rows(res)))
     secs = tables(bench, res)
+    plots = [("pareto.png", "Forget vs utility", "forget vs utility, Pareto front"),
+             ("metrics.png", "Headline metrics", "per-metric bars with bootstrap CIs")]
+    _pareto_png(bench, res, out / "pareto.png")
+    _metrics_png(bench, res, out / "metrics.png")
+    attack_rows = attack_stats(bench, res)
+    if attack_rows:
+        _attacks_png(bench, attack_rows, out / "attacks.png")
+        plots.append(("attacks.png", "Attacks", "forget metric before and after each attack"))
+    else:
+        (out / "attacks.png").unlink(missing_ok=True)
     n_done = sum(c.status == "done" for c in res.cells)
     intro = (f"{len(res.cells)} cells: {n_done} done, {len(res.failed)} failed, "
              f"{sum(c.status == 'todo' for c in res.cells)} not run; methods "
@@ -808,18 +998,19 @@ def write_leaderboard(bench: Bench, res: BenchResult) -> None:
     md = [f"# Bench `{bench.name}`", ""] + ([bench.description, ""] if bench.description else []) + [intro, ""]
     for title, text, head, body in secs:
         md += [f"## {title}", ""] + ([text, ""] if text else []) + (_md_table(head, body) + [""] if body else [])
-    md += ["![forget vs utility](pareto.png)", ""]
+    md += [f"![{alt}]({name})\n" for name, _, alt in plots]
     atomic_write_text(out / "leaderboard.md", "\n".join(md))
-    _pareto_png(bench, res, out / "pareto.png")
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>bench {html.escape(bench.name)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-            "margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}</style>",
+            "margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}"
+            "img{max-width:100%}</style>",
             f"</head><body><h1>Bench {html.escape(bench.name)}</h1>",
             f"<p>{html.escape(bench.description)}</p>" if bench.description else "", f"<p>{html.escape(intro)}</p>"]
     for title, text, head, body in secs:
         page.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(text)}</p>" if text else "")
                     + (_html_table(head, body) if body else ""))
-    page.append("<h2>Forget vs utility</h2><img src='pareto.png' alt='forget vs utility, Pareto front'></body></html>")
+    page += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(alt)}'>" for name, title, alt in plots]
+    page.append("</body></html>")
     atomic_write_text(out / "index.html", "\n".join(page) + "\n")
 
 
