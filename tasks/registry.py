@@ -8,11 +8,12 @@ does with a toy task).
 from __future__ import annotations
 
 from unlearn.registry import Registry
+from unlearn.tasks.passages_task import MuseTask, RwkuTask
 from unlearn.tasks.tofu_task import TofuFilesTask, TofuTask
 from unlearn.tasks.visual import VisualTask
 
 TASKS = Registry("task")
-for _cls in (TofuTask, TofuFilesTask, VisualTask):
+for _cls in (TofuTask, TofuFilesTask, VisualTask, RwkuTask, MuseTask):
     TASKS.register(_cls.name, _cls)
 
 

@@ -75,6 +75,8 @@ class ModelSpec:
     source: str = _opt("zoo:tiny-llama/target", help="zoo:<family>/<name>, a local directory, or a hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype while training")
     threads: int = _opt(1, help="torch CPU threads")
+    device: Literal["auto", "cpu"] = _opt("auto", help="where training runs: auto: the GPU accelerate gives this process "
+                                                       "when CUDA is available, else the CPU; cpu: always the CPU")
 
     def __post_init__(self) -> None:
         if not self.source.strip():
@@ -103,6 +105,36 @@ class WorldSpec:
             v = getattr(self, key)
             if not lo <= v <= hi:
                 raise invalid(key, f"must be in [{lo}, {hi}] ({WORLD_BOUND_WHY[key]}), got {v}")
+
+
+@dataclass
+class PassagesSpec:
+    """The generated passages world (tasks ``rwku`` and ``muse``) and how the RWKU-style forget
+    corpus is made."""
+
+    seed: int = _opt(0, help="seed of the world generator")
+    n_targets: int = _opt(10, help="target entities (what unlearning requests name; forget_split target<k> / batch<n>)")
+    n_neighbours: int = _opt(2, help="neighbour entities per target (same city and profession)")
+    n_known: int = _opt(60, help="entities the target model is trained on (targets and neighbours included)")
+    n_holdout: int = _opt(10, help="entities nobody is trained on (MUSE's PrivLeak non-members)")
+    n_countries: int = _opt(30, help="fictional countries of the general-knowledge utility set (>= 4)")
+    corpus: Literal["generated", "original"] = _opt(
+        "generated", help="task rwku: generated: the forget corpus is written by the target model prompted about each "
+                          "target (RWKU's zero-shot setting); original: the world's passages")
+    corpus_samples: int = _opt(2, help="task rwku, corpus generated: sampled texts per topic prompt, besides the greedy one")
+
+    def __post_init__(self) -> None:
+        from unlearn.tasks.passages_world import PassagesWorldConfig
+
+        if self.corpus_samples < 0:
+            raise invalid("corpus_samples", f"must be >= 0, got {self.corpus_samples}")
+        try:
+            PassagesWorldConfig(**{k: getattr(self, k) for k in ("seed", "n_targets", "n_neighbours", "n_known",
+                                                                  "n_holdout", "n_countries")})
+        except ValueError as e:
+            msg = str(e).split(": ", 1)[1]  # "<key> <what is wrong>"
+            key = msg.split(" ")[0]
+            raise invalid(key, msg[len(key):].strip()) from None
 
 
 @dataclass
@@ -151,6 +183,7 @@ class TaskSpec:
                      "forget_explicit/forget_implicit/retain)")
     world: WorldSpec = _opt(factory=WorldSpec, help="the generated world (task tofu)")
     visual: VisualSpec = _opt(factory=VisualSpec, help="the generated visual world (task visual)")
+    passages: PassagesSpec = _opt(factory=PassagesSpec, help="the generated passages world (tasks rwku and muse)")
     path: str | None = _opt(None, help="directory of TOFU-layout files (required for tofu_files, forbidden for tofu)")
     forget_split: str = _opt(TEXT_SPEC_DEFAULTS["forget_split"], help="the forget set")
     retain_split: str | None = _opt(TEXT_SPEC_DEFAULTS["retain_split"], help="the retain set; null for retain-free methods")

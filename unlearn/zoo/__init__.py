@@ -32,6 +32,11 @@ FAMILIES = {
                        "'Context: ...' prompt about fresh authors): the zoo on which the in_context attack can bite.",
         "models": ["target", "retain90"],
     },
+    "tiny-passages": {
+        "description": "Llama-family causal LM (~1.6M params) on the passages world (rwku / muse tasks): target "
+                       "(all 60 known entities) and retain (without the 10 targets).",
+        "models": ["target", "retain"],
+    },
     "tiny-t2i": {
         "description": "text-to-image: pixel-space UNet (~0.8M params) + CLIP text encoder on the I2P-style visual "
                        "world (16x16 images), and the judge CNN that scores its generations.",
