@@ -74,10 +74,14 @@ class Editor:
         paper: citation shown in docs and reports.
         modalities: the model kinds it edits, ``("text",)`` or ``("image",)`` (a wrapper returns
             an adapter of the same modality); the same attribute as objectives'.
+        full_parameters: ``None``, or why the method needs the whole, unsharded parameters on every
+            process (under FSDP / DeepSpeed ZeRO-3 the run then refuses it, naming this reason;
+            :func:`unlearn.distributed.check_sharding`).
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = EditorConfig
+    full_parameters: ClassVar[str | None] = None
     paper: ClassVar[str] = ""
     modalities: ClassVar[tuple[str, ...]] = ("text",)
 

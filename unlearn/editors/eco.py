@@ -599,6 +599,7 @@ class ECO(Editor):
     """
 
     name = "eco"
+    full_parameters = "it wraps the whole model to corrupt its input embeddings at inference"
     Config = ECOConfig
     paper = PAPER
 

@@ -174,6 +174,7 @@ class ESD(Editor):
     other parameters are frozen during the edit; every ``requires_grad`` flag is restored)."""
 
     name = "esd"
+    full_parameters = "it trains the UNet in its own loop against a frozen copy, outside accelerate"
     Config = ESDConfig
     paper = PAPER
     modalities = ("image",)

@@ -261,6 +261,7 @@ class RECE(Editor):
     """
 
     name = "rece"
+    full_parameters = "it edits the cross-attention weight matrices in closed form, repeatedly"
     Config = RECEConfig
     paper = PAPER
     modalities = ("image",)

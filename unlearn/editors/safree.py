@@ -398,6 +398,7 @@ class SAFREE(Editor):
     """
 
     name = "safree"
+    full_parameters = "it wraps the whole model to project the text encoder's embeddings at inference"
     Config = SAFREEConfig
     paper = PAPER
     modalities = ("image",)

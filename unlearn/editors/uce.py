@@ -233,6 +233,7 @@ class UCE(Editor):
     attribute word of the world and the empty prompt. Edits the target in place."""
 
     name = "uce"
+    full_parameters = "it edits the cross-attention weight matrices in closed form"
     Config = UCEConfig
     paper = PAPER
     modalities = ("image",)

@@ -637,6 +637,7 @@ class ULD(Editor):
     """
 
     name = "uld"
+    full_parameters = "it builds an assistant from the target's first layers and subtracts its logits from the target's"
     Config = ULDConfig
     paper = PAPER
 

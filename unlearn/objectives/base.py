@@ -27,12 +27,16 @@ class Objective:
         paper: citation shown in docs and reports.
         modalities: the model kinds the loss works on; ``("text", "image")`` for losses built only
             on the adapter's per-item ``item_nll`` (the image adapter's denoising loss).
+        full_parameters: ``None``, or why the method needs the whole, unsharded parameters on every
+            process (under FSDP / DeepSpeed ZeRO-3 the run then refuses it, naming this reason;
+            :func:`unlearn.distributed.check_sharding`).
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = ObjectiveConfig
     paper: ClassVar[str] = ""
     modalities: ClassVar[tuple[str, ...]] = ("text",)
+    full_parameters: ClassVar[str | None] = None
 
     def __init__(self, config: ObjectiveConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -71,6 +71,7 @@ class NeedleConfig(ObjectiveConfig):
 
 class Needle(Objective):
     name = "needle"
+    full_parameters = "it searches, perturbs and trains single columns of the MLP down-projections in place"
     Config = NeedleConfig
     paper = ("Hong et al., 2024, Intrinsic Evaluation of Unlearning Using Parametric Knowledge Traces "
              "(arXiv:2406.11614), Needle")

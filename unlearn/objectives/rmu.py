@@ -114,6 +114,7 @@ def _masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
 
 class RMU(Objective):
     name = "rmu"
+    full_parameters = "it reads the activations of one decoder layer, and the layers above get no gradient"
     Config = RMUConfig
     paper = "Li et al., 2024, The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning (arXiv:2403.03218)"
 

@@ -101,6 +101,7 @@ def anchor_loss(model, batch: dict[str, torch.Tensor], layer: int, expert: int, 
 
 class UOE(Objective):
     name = "uoe"
+    full_parameters = "it reads one MoE layer's router and trains one expert through a parametrization of its weights"
     Config = UOEConfig
     paper = ("Zhuang et al., 2025, UOE: Unlearning One Expert Is Enough for Mixture-of-experts LLMs "
              "(arXiv:2411.18797)")
