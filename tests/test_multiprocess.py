@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import unlearn
+from unlearn.accelerate_configs import config_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = ["train.max_steps=3", "train.batch_size=8", "eval.max_items=6", "task.retain_model=null",
@@ -23,11 +24,10 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_CACHE": str(tmp_path / "cache2"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out2 = tmp_path / "two"
-    # accelerate's launcher (torchrun underneath; --multi_gpu is its name for "several processes":
-    # the trainer keeps the model on the CPU, so the processes talk over gloo)
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "unlearn.cli", "run", os.path.join(ROOT, "recipes", "quickstart.yaml"), "-q"]
+    # accelerate's launcher with the shipped CPU configuration (torchrun underneath, use_cpu: the
+    # processes train on the CPU and talk over gloo, GPU or not)
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path("cpu_ddp")),
+            "--dynamo_backend", "no", "-m", "unlearn", "run", os.path.join(ROOT, "recipes", "quickstart.yaml"), "-q"]
     for s in [*SETS, f"output.dir={out2}"]:
         argv += ["--set", s]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))

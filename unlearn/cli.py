@@ -1,5 +1,6 @@
 """Command line: ``unlearn run RECIPE [--set key=value ...]``, ``unlearn eval SOURCE``,
-``unlearn list [what]``, ``unlearn zoo list|build``, ``unlearn bench BENCH.yaml``. See ``docs/cli.md``."""
+``unlearn list [what]``, ``unlearn zoo list|build``, ``unlearn bench BENCH.yaml``,
+``unlearn check-accelerate-config FILE``. See ``docs/cli.md``."""
 
 from __future__ import annotations
 
@@ -70,6 +71,17 @@ def _bench(args) -> int:
         print(f"  failed: {c.label} seed {c.seed} [{c.key}]: {c.error}")
     print(f"  leaderboard: {res.out / 'leaderboard.md'}")
     return 1 if res.failed else 0
+
+
+def _check_accelerate_config(args) -> int:
+    from unlearn.accelerate_configs import check_accelerate_config, notes
+
+    c = check_accelerate_config(args.file)
+    print(f"ok: {args.file} ({c.distributed_type.value}, {c.num_processes} processes"
+          f"{', CPU' if c.use_cpu else ''})")
+    for line in notes(c):
+        print(f"  note: {line}")
+    return 0
 
 
 def _zoo(args) -> int:
@@ -157,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
     bn.add_argument("--out", metavar="DIR", help="the bench directory (default: the file's out, else runs/bench/<name>)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no line per finished cell")
+    ck = sub.add_parser("check-accelerate-config", help="check an accelerate launch config file (keys and values)")
+    ck.add_argument("file", help="an `accelerate launch --config_file` YAML, e.g. one of unlearn/accelerate_configs/")
     args = p.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
-        return {"run": _run, "eval": _eval, "list": _list, "zoo": _zoo, "bench": _bench}[args.cmd](args)
+        return {"run": _run, "eval": _eval, "list": _list, "zoo": _zoo, "bench": _bench,
+                "check-accelerate-config": _check_accelerate_config}[args.cmd](args)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 2

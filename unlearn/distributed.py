@@ -14,11 +14,16 @@ Outputs travel between processes as JSON with numpy arrays in base64 (:func:`_en
 
 With one process (no ``WORLD_SIZE`` > 1 in the environment) every function here is the
 identity / a no-op.
+
+Where training runs: :func:`use_cpu` decides (a CUDA device when one is present, unless the
+recipe says ``model.device: cpu`` or accelerate was launched with ``--cpu``). What cannot run
+sharded: :func:`check_sharding` (FSDP / DeepSpeed, from the variables ``accelerate launch`` sets).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 from typing import Any, Callable
@@ -27,13 +32,61 @@ import numpy as np
 import torch
 
 
-def init() -> None:
+def use_cpu(device: str = "auto") -> bool:
+    """True when training stays on the CPU: ``device`` (the recipe's ``model.device``) is
+    ``"cpu"``, accelerate was launched with ``--cpu`` (``ACCELERATE_USE_CPU``), or torch sees no
+    CUDA device. ``"auto"`` otherwise trains on the GPU accelerate gives this process."""
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"model.device must be 'auto' or 'cpu', got {device!r}")
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return device == "cpu" or forced or not torch.cuda.is_available()
+
+
+def init(device: str = "auto") -> None:
     """Join the process group when launched with several processes (accelerate sets
-    ``WORLD_SIZE``); a no-op otherwise. Safe to call more than once."""
+    ``WORLD_SIZE``): gloo on the CPU, NCCL (and gloo for CPU tensors) on GPUs -- see
+    :func:`use_cpu`. A no-op with one process. Safe to call more than once."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _initialized():
         from accelerate import PartialState
 
-        PartialState(cpu=True)
+        PartialState(cpu=use_cpu(device))
+
+
+def sharding() -> str | None:
+    """``"fsdp"`` or ``"deepspeed"`` when ``accelerate launch`` was given such a configuration
+    (it sets ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), else ``None`` (DDP, one process)."""
+    for name, var in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            return name
+    return None
+
+
+def check_sharding(method) -> None:
+    """Refuse, before any model loads, a run launched with FSDP or DeepSpeed (``method``: an
+    objective or editor, instance or class).
+
+    A method whose ``full_parameters`` class attribute says why it needs whole, unsharded
+    parameters on every process (hooks on one layer, a second model built from the target's
+    layers, closed-form edits of weight matrices) is named with that reason. The others would
+    train sharded, but the run then evaluates and saves the model in every process, which
+    needs the weights gathered back, and that is not wired yet. Either way the fix is the DDP
+    configuration (each process holds the whole model), see docs/distributed.md.
+    """
+    mode = sharding()
+    if mode is None:
+        return
+    from unlearn.accelerate_configs import config_path
+
+    what = "FSDP" if mode == "fsdp" else "DeepSpeed"
+    fix = f"launch with the DDP configuration instead: accelerate launch --config_file {config_path('ddp')} ..."
+    if mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        fix += " (and DeepSpeed is not installed here: pip install deepspeed)"
+    reason = getattr(method, "full_parameters", None)
+    if reason:
+        raise ValueError(f"method {method.name!r} cannot run under {what}: it needs the full, unsharded "
+                         f"parameters on every process ({reason}); {fix}")
+    raise ValueError(f"method {method.name!r} under {what}: training would be sharded, but evaluating and saving "
+                     f"the unlearned model needs its weights gathered on every process, which is not wired yet; {fix}")
 
 
 def _initialized() -> bool:
@@ -56,12 +109,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the CPU under gloo (also accelerate's ``cuda:nccl,cpu:gloo``),
+    this process's GPU under NCCL alone (DeepSpeed, plain DDP on GPUs)."""
+    backend = str(torch.distributed.get_backend())
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def all_true(flag: bool) -> bool:
     """True on every process iff ``flag`` is true on every process (decisions that must agree,
     e.g. an evaluation cache hit: a process that computes would wait for the others)."""
     if world()[1] == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -70,7 +132,7 @@ def mean_over_processes(value: float) -> float:
     """The mean of ``value`` over the processes (e.g. a loss logged for the global batch)."""
     if world()[1] == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
     torch.distributed.all_reduce(t)
     return float(t.item()) / world()[1]
 
@@ -154,17 +216,17 @@ def _decode(b: bytes) -> Any:
 
 
 def _all_gather_bytes(data: bytes) -> list[bytes]:
-    n = world()[1]
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+    n, dev = world()[1], _comm_device()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(n)]
     torch.distributed.all_gather(sizes, size)
     longest = max(int(s.item()) for s in sizes)
     buf = torch.zeros(longest, dtype=torch.uint8)
     if data:
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(n)]
-    torch.distributed.all_gather(bufs, buf)
-    return [bytes(b[: int(s.item())].numpy().tobytes()) for b, s in zip(bufs, sizes)]
+    bufs = [torch.zeros(longest, dtype=torch.uint8, device=dev) for _ in range(n)]
+    torch.distributed.all_gather(bufs, buf.to(dev))
+    return [bytes(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(bufs, sizes)]
 
 
-__all__ = ["init", "world", "is_main", "barrier", "all_true", "mean_over_processes", "broadcast", "run_sharded"]
+__all__ = ["use_cpu", "init", "sharding", "check_sharding", "world", "is_main", "barrier", "all_true", "mean_over_processes", "broadcast", "run_sharded"]

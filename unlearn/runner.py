@@ -91,7 +91,8 @@ def train_settings(tr, recipe=None, tracking_dir: Path | None = None) -> TrainSe
     return TrainSettings(epochs=tr.epochs, max_steps=tr.max_steps, lr=tr.lr, batch_size=tr.batch_size,
                          grad_accum=tr.grad_accum, optimizer=tr.optimizer, weight_decay=tr.weight_decay,
                          scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
-                         mixed_precision=tr.mixed_precision, **trackers)
+                         mixed_precision=tr.mixed_precision,
+                         device=recipe.model.device if recipe is not None else "auto", **trackers)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -304,13 +305,14 @@ def run(recipe, overrides=(), *, progress: bool = True, keep_model: bool = False
     optional ``--set``-style overrides."""
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    distributed.init()  # several processes under accelerate launch: join them (one process: nothing)
-    progress = progress and distributed.is_main()
     # a Recipe object is validated again: it may have been edited in Python since it was loaded
     recipe = load_recipe(recipe, list(overrides))
+    distributed.init(recipe.model.device)  # several processes under accelerate launch: join them (one: nothing)
+    progress = progress and distributed.is_main()
     # 0. the method and the task; everything a recipe can get wrong is checked before any model loads
     method_cls, method_config = resolve_method(recipe)
     method = method_cls(method_config)
+    distributed.check_sharding(method)  # launched with FSDP / DeepSpeed: refused, naming the method and the fix
     if isinstance(method, Editor) and recipe.train.evaluates_during_training:
         raise ValueError(f"method {recipe.method.name!r} is an editor (it returns a model rather than training the "
                          "target step by step): train.eval_every / train.eval_every_epoch / train.select_best do not "

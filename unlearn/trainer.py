@@ -1,4 +1,9 @@
-"""The unlearning training loop, on ``accelerate`` (single process here; multi-process later).
+"""The unlearning training loop, on ``accelerate`` (one process, or several: DDP).
+
+Training runs on the accelerator's device (:func:`unlearn.distributed.use_cpu`: the GPU
+accelerate gives this process when CUDA is available and the recipe does not say
+``model.device: cpu``); the model and the objective's reference model move there for the
+training and back to where they were afterwards, so evaluation sees them where it loaded them.
 
 One micro-batch = one forget batch (+ one retain batch of the same size drawn at random, as
 open-unlearning's forget/retain pairing does) -> ``objective.loss`` -> backward. An optimizer
@@ -26,7 +31,7 @@ from tqdm.auto import tqdm
 
 from unlearn.adapters import nonfinite_parameter
 from unlearn.checkpoint import Checkpointing, TrainState, load_checkpoint, save_checkpoint
-from unlearn.distributed import all_true, barrier, is_main, mean_over_processes, world
+from unlearn.distributed import all_true, barrier, is_main, mean_over_processes, use_cpu, world
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +51,7 @@ class TrainSettings:
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no" or "bf16" (autocast in training forward passes)
+    device: str = "auto"  # "auto": the accelerator's device when CUDA is available; "cpu" (the recipe's model.device)
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
     tracking_dir: str | None = None  # where trackers write (a run's <run>/trackers)
     tracker_config: dict[str, Any] | None = None  # hyperparameters shown by the trackers (flat scalars)
@@ -131,14 +137,16 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         trackers = {"log_with": list(settings.report_to),
                     "project_config": ProjectConfiguration(project_dir=settings.tracking_dir,
                                                            logging_dir=settings.tracking_dir)}
-    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+    if settings.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got {settings.mixed_precision!r}")
+    cpu = use_cpu(settings.device)
+    _reset_accelerate_for(cpu, n_proc)
+    acc = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
                       **trackers)
     # bf16 autocast per call (accelerate's mixed_precision is fixed for the process; runs and attacks
     # train several times in one process)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if settings.mixed_precision == "bf16" \
-        else contextlib.nullcontext
-    if settings.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"train.mixed_precision must be 'no' or 'bf16' (CPU), got {settings.mixed_precision!r}")
+    autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) \
+        if settings.mixed_precision == "bf16" else contextlib.nullcontext
     if settings.report_to:
         acc.init_trackers(settings.run_name, config=settings.tracker_config or {})
     model = adapter.model
@@ -153,8 +161,10 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
         raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
     sched = get_scheduler(settings.scheduler, opt, num_warmup_steps=int(settings.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    home = adapter.device  # where the model was loaded; it goes back there after training
+    model, opt, sched = acc.prepare(model, opt, sched)  # moves the model to acc.device
     adapter.model = model
+    _move_reference(objective, acc.device)
     rng = random.Random(f"train-{seed}")
     needs_idk = objective.needs_idk()
     use_retain = retain is not None and objective.needs_retain()
@@ -254,9 +264,30 @@ def train(adapter, objective, forget: list[dict], retain: list[dict] | None, set
     if settings.report_to:
         acc.end_training()
     model.eval()
-    adapter.model = acc.unwrap_model(model)
+    adapter.model = acc.unwrap_model(model).to(home)
+    _move_reference(objective, home)
     log.seconds = seconds_before + time.time() - t0
     return log
+
+
+def _reset_accelerate_for(cpu: bool, n_proc: int) -> None:
+    """accelerate keeps one device per process; one process may train several times (a run, then
+    a relearning attack) with different ``device`` settings: forget the state made for the other
+    device. Never with several processes (their group is set up once, by ``distributed.init``)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    dev = PartialState._shared_state.get("device")
+    if n_proc == 1 and dev is not None and (dev.type == "cpu") != cpu:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _move_reference(objective, device) -> None:
+    """The objective's frozen reference model (NPO, GradDiff-KL, UNDIAL, RMU hold one as
+    ``objective.reference``) runs where the trained model runs; precomputed reference values
+    are moved per batch by the objectives themselves."""
+    ref = getattr(objective, "reference", None)
+    if ref is not None and isinstance(getattr(ref, "model", None), torch.nn.Module):
+        ref.model.to(device)
 
 
 def _checkpoint(ck: Checkpointing, model, opt, sched, rng, log: TrainLog, position, seconds: float) -> None:
