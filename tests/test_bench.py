@@ -367,3 +367,45 @@ def test_run_card_has_recipe_hash_seed_versions_and_usage(tmp_path, spawns):
     cols = [x.strip() for x in line.strip("| ").split(" | ")]
     assert cols[:5] == ["ga", "3", "—", cell.key, "done"] and cols[5] == "unlearn 0, python 3, torch 9.9"
     assert cols[-2:] == ["1", str(2 * cell.recipe["train"]["batch_size"])]
+
+
+def test_sigkill_of_a_running_bench_then_resume_redoes_no_finished_cell(tmp_path, spawns):
+    """`unlearn bench` on two real 1-step cells, SIGKILL of its process group (the bench and its
+    cell process) once a cell has finished; the next run starts only the unfinished cells."""
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    spec = _bench(tmp_path, {"ga": {"name": "grad_ascent"}}, seeds=[0, 1])
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    keys = [c.key for c in bench.run(spec, dry_run=True).cells]
+    cells = Path(spec["out"]) / "cells"
+    finished = lambda: [k for k in keys if bench.is_finished_run(cells / k)]  # noqa: E731
+    partial = lambda: [p.name for p in cells.iterdir() if ".partial-" in p.name] if cells.is_dir() else []  # noqa: E731
+    with open(tmp_path / "bench.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "bench", str(path), "--jobs", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        # killed once a cell has finished and the next one is writing its run (its partial directory)
+        while not (finished() and partial()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = finished()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "bench.log").read_text()[-2000:]
+    assert 1 <= len(done) < len(keys) and partial()
+    before = {k: [(p.name, p.stat().st_mtime_ns) for p in sorted((cells / k).iterdir())] for k in done}
+
+    res = bench.run(spec)
+    started = [Path(a[4]).stem for a in spawns.calls]
+    assert started == [k for k in keys if k not in done] and res.ran == len(started)
+    assert [c.status for c in res.cells] == ["done"] * len(keys)
+    assert {k: [(p.name, p.stat().st_mtime_ns) for p in sorted((cells / k).iterdir())] for k in done} == before
+    assert partial() == []  # the killed cell's partial directory was removed by its rerun
+    assert len(bench.load(spec["out"])) == len(keys)
