@@ -54,7 +54,7 @@ class _InvertedPrompts(ImageAdapter):
     evaluation cache never mistakes it for the erased model."""
 
     def __init__(self, erased, original, words: list[str], reg: float) -> None:
-        super().__init__(erased.unet, erased.text_encoder, erased.tokenizer, erased.scheduler,
+        super().__init__(erased.unet, erased.text_encoder, erased.tokenizer, erased.scheduler, **erased.parts(),
                          timesteps_per_item=erased.timesteps_per_item, source=erased.source)
         self.erased, self.original, self.words, self.reg = erased, original, list(words), reg
         self.original_kv = kv_weights(original.unet)

@@ -4,6 +4,8 @@
 
 * a zoo name, ``zoo:<family>/<name>`` (``zoo:tiny-llama/target``, ``zoo:tiny-t2i/target``);
 * a local directory written by an adapter's ``save`` (a run's ``checkpoint/``);
+* (image) a diffusers pipeline directory (``model_index.json``: Stable Diffusion 1.x / 2.x, SDXL),
+  loaded as a latent :class:`~unlearn.adapters.image.ImageAdapter`;
 * a saved *wrapped* model: a directory with ``wrapper.json`` (ULD, ECO, SAFREE), rebuilt by the
   loader of the editor that wrote it (:func:`unlearn.editors.load_wrapped`);
 * (text only) a hub id, passed to ``transformers``' ``from_pretrained``.
@@ -26,8 +28,9 @@ from unlearn.adapters.text import TextAdapter
 from unlearn.editors import EDITORS, load_wrapped
 from unlearn.zoo import zoo_path
 
-# files that mark a saved plain model of each modality
-_MARKERS = {"text": "config.json", "image": "image_adapter.json"}
+# files that mark a saved plain model of each modality (image: a saved ImageAdapter, or a diffusers
+# pipeline directory such as a Stable Diffusion snapshot)
+_MARKERS = {"text": ("config.json",), "image": ("image_adapter.json", "model_index.json")}
 
 
 def _local_dir(source: str) -> Path | None:
@@ -47,7 +50,7 @@ def _saved_modality(where: Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             return None  # load_wrapped names the problem
         return EDITORS.get(kind).modalities[0] if kind in EDITORS else None
-    found = [m for m, marker in _MARKERS.items() if (where / marker).is_file()]
+    found = [m for m, markers in _MARKERS.items() if any((where / f).is_file() for f in markers)]
     return found[0] if len(found) == 1 else None
 
 
@@ -76,7 +79,7 @@ def load_model(source: str, modality: str, **kwargs) -> Adapter:
         modality: ``"text"`` or ``"image"``; a source holding a model of the other modality
             raises ValueError.
         **kwargs: the adapter's options. Text: ``dtype`` (``"float32"``, ``"bfloat16"``,
-            ``"float16"``), ``prompt_template``, ``tokenization``. Image: ``timesteps_per_item``.
+            ``"float16"``), ``prompt_template``, ``tokenization``. Image: ``timesteps_per_item``, ``dtype``.
             A wrapped model's loader takes the same options as its base adapter (ULD:
             ``dtype``, ``prompt_template``, ``tokenization``).
     Returns:

@@ -270,6 +270,12 @@ class ImageModel(Adapter):
     def image_size(self) -> int:
         """S: images are ``(3, S, S)``."""
 
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of what :meth:`noise_pred` denoises: ``(3, S, S)`` pixels here; a latent
+        model's latents (e.g. ``(4, S/8, S/8)`` for Stable Diffusion)."""
+        return (3, self.image_size, self.image_size)
+
     @abc.abstractmethod
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """B prompts -> token ids ``(B, T)`` long, padded/truncated to the tokenizer's length."""
@@ -282,8 +288,8 @@ class ImageModel(Adapter):
     @abc.abstractmethod
     def noise_pred(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                    model: torch.nn.Module | None = None) -> torch.Tensor:
-        """The predicted noise ε_θ(x_t, c, t): ``x_t`` ``(B, 3, S, S)``, ``t`` ``(B,)`` long,
-        ``cond`` ``(B, T, d)`` -> ``(B, 3, S, S)``."""
+        """The predicted noise ε_θ(x_t, c, t) (a v-prediction model: the velocity): ``x_t``
+        ``(B, *noise_shape)``, ``t`` ``(B,)`` long, ``cond`` ``(B, T, d)`` -> ``(B, *noise_shape)``."""
 
     @abc.abstractmethod
     def sample(self, prompts: list[str], seed: int | list[int] = 0, steps: int = 20, guidance: float = 3.0,

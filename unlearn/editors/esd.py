@@ -126,8 +126,9 @@ def sample_xt(reference, ddim, cond: torch.Tensor, uncond: torch.Tensor, n_steps
         ``(x_t (B, 3, H, W), t (B,) long)`` with ``t = ddim.timesteps[n_steps]`` (the timestep
         x_t is at, where the ESD loss is taken).
     """
-    b, size, dev = cond.shape[0], reference.image_size, reference.device
-    x = torch.randn((b, 3, size, size), generator=generator).to(dev) * ddim.init_noise_sigma
+    b, dev = cond.shape[0], reference.device
+    shape = tuple(getattr(reference, "noise_shape", (3, reference.image_size, reference.image_size)))
+    x = torch.randn((b,) + shape, generator=generator).to(dev, cond.dtype) * ddim.init_noise_sigma  # pixels or latents
     both = torch.cat([uncond, cond])  # (2B, T, d)
     for t in ddim.timesteps[:n_steps]:
         tt = torch.full((2 * b,), int(t), device=dev, dtype=torch.long)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
-from unlearn.editors.uce import (UCEConfig, concept_prompts, concept_token_embeddings, cross_attention_kv,
+from unlearn.editors.uce import (UCEConfig, adapter_concept_embeddings, concept_prompts, cross_attention_kv,
                                  uce_edit_unet, uce_erase)
 from unlearn.tasks.visual_task import eval_split
 
@@ -182,6 +182,8 @@ def _attack_embeds(adapter, original_weights: list[torch.Tensor], prompts: list[
     ids = adapter.tokenize(prompts)  # (B, T)
     emb = adapter.encode_prompts(ids)  # (B, T, d)
     pos = concept_positions(adapter.tokenizer, ids, words).to(emb.device)  # (B, T)
+    if emb.shape[1] > pos.shape[1]:  # SDXL's pooled row after the tokens: never replaced
+        pos = torch.nn.functional.pad(pos, (0, emb.shape[1] - pos.shape[1]))
     m = rece_adversarial_map(kv_weights(adapter.unet), original_weights, reg).to(emb.device)  # (d, d)
     adv = (emb.to(torch.float64) @ m.T).to(emb.dtype)  # (B, T, d): c' = M c at every position
     return torch.where(pos[..., None], adv, emb)
@@ -273,7 +275,7 @@ class RECE(Editor):
         validate = c.validation and judge is not None
         rows = _validation_rows(data) if validate else []
         seeds = [10_000_019 + 1_000 * int(ctx.seed) + i for i in range(len(rows))]  # not the evaluation's seeds
-        unet, te, tok = adapter.unet, adapter.text_encoder, adapter.tokenizer
+        unet = adapter.unet
         t_val = 0.0
 
         def score() -> float:
@@ -294,9 +296,9 @@ class RECE(Editor):
         original_state = _kv_state(unet)
         original = list(original_state.values())  # W, cross_attention_kv order
         uce_info = uce_erase(adapter, erase, guide, preserve, c.uce())
-        ce = concept_token_embeddings(te, tok, erase, c.n_trailing)  # (k, d)
-        cg = concept_token_embeddings(te, tok, guide, c.n_trailing)  # (k, d)
-        cp = concept_token_embeddings(te, tok, list(dict.fromkeys([""] + list(preserve))), c.n_trailing)  # (m, d)
+        ce = adapter_concept_embeddings(adapter, erase, c.n_trailing)  # (k, d)
+        cg = adapter_concept_embeddings(adapter, guide, c.n_trailing)  # (k, d)
+        cp = adapter_concept_embeddings(adapter, list(dict.fromkeys([""] + list(preserve))), c.n_trailing)  # (m, d)
         t_edit = time.perf_counter() - t0
 
         erasure = [score()] if validate else None

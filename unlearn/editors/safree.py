@@ -187,7 +187,10 @@ class SAFREEAdapter(ImageAdapter):
         keywords = [k for k in keywords if isinstance(k, str) and k.strip()]
         if not keywords:
             raise ValueError("SAFREE needs at least one keyword to span the concept subspace")
-        super().__init__(base.unet, base.text_encoder, base.tokenizer, base.scheduler,
+        if getattr(base, "is_sdxl", False):
+            raise ValueError("SAFREE here works on single-text-encoder models (SD 1.x / 2.x and the tiny zoo); an "
+                             "SDXL pipeline's two encoders and pooled embedding are not filtered yet")
+        super().__init__(base.unet, base.text_encoder, base.tokenizer, base.scheduler, **base.parts(),
                          timesteps_per_item=base.timesteps_per_item, source=base.source)
         self.base = base
         self.keywords = list(dict.fromkeys(keywords))

@@ -180,15 +180,33 @@ def concept_token_embeddings(text_encoder, tokenizer, prompts: list[str], n_trai
     max_length = max_length or getattr(tokenizer, "model_max_length", 77)
     enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     hid = text_encoder(input_ids=enc["input_ids"].to(text_encoder.device)).last_hidden_state  # (B, T, d)
-    eos = tokenizer.eos_token_id
+    return _concept_rows(enc["input_ids"], hid, tokenizer.eos_token_id, prompts, n_trailing)
+
+
+def _concept_rows(input_ids: torch.Tensor, hid: torch.Tensor, eos: int, prompts: list[str],
+                  n_trailing: int) -> torch.Tensor:
+    """Rows of ``hid`` ``(B, T, d)`` at each prompt's last word token (the one before the first
+    EOS) and ``n_trailing`` positions after it -> ``(n, d)``."""
     rows = []
-    for b, ids in enumerate(enc["input_ids"]):
+    for b, ids in enumerate(input_ids):
         pos = (ids == eos).nonzero()
         if len(pos) == 0:
-            raise ValueError(f"prompt {prompts[b]!r} has no EOS token within max_length={max_length}")
+            raise ValueError(f"prompt {prompts[b]!r} has no EOS token within max_length={input_ids.shape[1]}")
         last = max(int(pos[0]) - 1, 0)
         rows.append(hid[b, last:min(last + 1 + n_trailing, hid.shape[1])])
     return torch.cat(rows, dim=0)
+
+
+@torch.no_grad()
+def adapter_concept_embeddings(adapter, prompts: list[str], n_trailing: int = 0) -> torch.Tensor:
+    """:func:`concept_token_embeddings` through an image adapter: the cross-attention input
+    (``adapter.token_embeddings``; SDXL: both text encoders' penultimate states concatenated) at
+    each prompt's last word token (+ ``n_trailing``) -> ``(n, d)``. For a single CLIP encoder it
+    is :func:`concept_token_embeddings` with the adapter's text encoder and tokenizer."""
+    ids = adapter.tokenize(list(prompts))  # (B, T)
+    embed = getattr(adapter, "token_embeddings", None) or adapter.encode_prompts
+    hid = embed(ids)[:, :ids.shape[1]]  # (B, T, d)
+    return _concept_rows(ids, hid, adapter.tokenizer.eos_token_id, list(prompts), n_trailing)
 
 
 @torch.no_grad()
@@ -206,14 +224,13 @@ def uce_erase(adapter, erase_prompts: list[str], guide_prompts: list[str], prese
     if len(erase_prompts) != len(guide_prompts) or not erase_prompts:
         raise ValueError(f"got {len(erase_prompts)} erase and {len(guide_prompts)} guide prompts: "
                          "give one guide prompt per erase prompt (at least one)")
-    te, tok = adapter.text_encoder, adapter.tokenizer
-    ce = concept_token_embeddings(te, tok, list(erase_prompts), cfg.n_trailing)
-    cg = concept_token_embeddings(te, tok, list(guide_prompts), cfg.n_trailing)
+    ce = adapter_concept_embeddings(adapter, list(erase_prompts), cfg.n_trailing)
+    cg = adapter_concept_embeddings(adapter, list(guide_prompts), cfg.n_trailing)
     if ce.shape != cg.shape:
         raise ValueError(f"erase prompts give {ce.shape[0]} embeddings but guide prompts {cg.shape[0]}: with "
                          "n_trailing > 0 pair prompts of similar length or use n_trailing=0")
     keep = list(dict.fromkeys([""] + list(preserve_prompts)))
-    cp = concept_token_embeddings(te, tok, keep, cfg.n_trailing)
+    cp = adapter_concept_embeddings(adapter, keep, cfg.n_trailing)
     info = uce_edit_unet(adapter.unet, ce, cg, cp, cfg)
     adapter._fingerprint = None
     return {"edited": [f"unet.{n}" for n in info["edited"]], "max_abs_change": info["max_abs_change"],
