@@ -70,7 +70,8 @@ def build_sd(out, tok, version: str = "1"):
         sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=dim, norm_num_groups=8,
-        **({"attention_head_dim": 4} if version == "1" else {"attention_head_dim": (2, 4), "use_linear_projection": True}))
+        **({"attention_head_dim": 4} if version == "1"
+           else {"attention_head_dim": (2, 4), "use_linear_projection": True}))
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1)
     # from_config keeps keys the class does not take (clip_sample for PNDM), as SD-1.4's scheduler_config.json has
@@ -243,7 +244,7 @@ def _changed(before, after_dir):
     return {n for n in before if not torch.equal(before[n], after[n])}
 
 
-METHODS = ["uce", "esd", "rece", "safree", "npo"]
+METHODS = ["uce", "esd", "rece", "safree", "npo", "grad-ascent"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -300,3 +301,25 @@ def test_rece_on_sdxl(pipes):
         from unlearn.editors.safree import SAFREEAdapter
 
         SAFREEAdapter(orig, ["red"])
+
+
+def test_esd_variants_and_groups_on_the_real_block_structure(pipes):
+    """ESD-x trains attn2; ESD-u the UNet minus attn2 and time_embedding (SDXL's add_embedding stays
+    trainable); with the time embedding they partition the UNet on the real block structure."""
+    from unlearn.editors.esd import trainable_names
+
+    for kind in ("sd1", "sdxl"):
+        a = load_model(str(pipes[kind]), "image")
+        x, u = trainable_names(a, "esd-x"), trainable_names(a, "esd-u")
+        assert x and all(".attn2." in n for n in x)
+        assert u and not any(".attn2." in n or n.startswith("unet.time_embedding.") for n in u)
+        assert set(x) | set(u) | set(a.parameter_groups()["time_embedding"]) == set(a.parameter_groups()["unet"])
+
+
+def test_load_options_are_checked(pipes, world):
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        load_model(str(pipes["sd1"]), "image", dtype="fp8")
+    a = load_model(str(pipes["sd1"]), "image")
+    small = [dict(it, image=it["image"][:8, :8]) for it in world.split("train")[:1]]
+    with pytest.raises(ValueError, match=r"UNet expects 16x16 \(latents of 8 x the VAE's factor 2\)"):
+        a.collate(small)

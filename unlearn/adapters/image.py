@@ -3,8 +3,8 @@
 It wraps a diffusers ``UNet2DConditionModel``, a ``transformers`` ``CLIPTextModel`` +
 tokenizer and a diffusers DDPM scheduler -- in pixel space (no VAE, the tiny zoo) or in latent
 space (an ``AutoencoderKL``: a Stable Diffusion 1.x / 2.x pipeline directory, or SDXL with its
-second text encoder, pooled embedding and time ids) -- and exposes the contract objectives and metrics are written against
-(:class:`~unlearn.adapters.base.ImageModel`, the image side of
+second text encoder, pooled embedding and time ids) -- and exposes the contract objectives and
+metrics are written against (:class:`~unlearn.adapters.base.ImageModel`, the image side of
 :class:`~unlearn.adapters.base.Adapter`; the text adapter implements the same base):
 
 * :meth:`collate` -- world items (``image`` uint8 ``(H, W, 3)`` + ``caption``) -> a batch with
@@ -123,8 +123,8 @@ class ImageAdapter(ImageModel):
         ucfg = unet.config
         if vae is None:
             if ucfg.in_channels != 3 or ucfg.out_channels != 3:
-                raise ValueError("a UNet without a VAE works in pixel space: it needs in_channels == out_channels == 3, "
-                                 f"got {ucfg.in_channels}/{ucfg.out_channels}; a latent UNet needs its vae "
+                raise ValueError("a UNet without a VAE works in pixel space: it needs in_channels == out_channels "
+                                 f"== 3, got {ucfg.in_channels}/{ucfg.out_channels}; a latent UNet needs its vae "
                                  "(load the whole pipeline directory)")
         elif not ucfg.in_channels == ucfg.out_channels == vae.config.latent_channels:
             raise ValueError(f"the UNet takes {ucfg.in_channels} / gives {ucfg.out_channels} channels but the VAE's "
