@@ -172,3 +172,79 @@ def test_muse_task_reads_real_files_and_chunks_raw_text(tmp_path):
     assert set(d.eval_splits) == {"verbmem_forget", "knowmem_forget"}
     with pytest.raises(RecipeError, match="task.forget_split"):
         load_recipe("recipes/muse-npo.yaml", [f"task.path={root}", "task.forget_split=batch10"])
+
+
+def test_chunk_texts_cuts_long_raw_texts_only():
+    from unlearn.tasks.passages_task import chunk_texts
+
+    long = {"question": "", "answer": " ".join(f"w{i}" for i in range(450))}
+    out = chunk_texts([long, {"question": "", "answer": "short text"}], max_words=200)
+    assert [len(it["answer"].split()) for it in out] == [200, 200, 50, 2]
+    assert " ".join(it["answer"] for it in out[:3]) == long["answer"]
+
+
+# ------------------------------------------------------------------------------ on the zoo
+def _eval(model: str, task: str, *sets: str) -> dict:
+    from unlearn.evaluation import evaluate
+
+    return evaluate(f"zoo:tiny-passages/{model}", task, overrides=list(sets)).summary
+
+
+def test_zoo_target_knows_the_targets_and_retain_does_not():
+    _zoo()
+    quick = ["task.forget_split=batch10", "task.retain_split=null", "task.passages.corpus=original",
+             "task.eval_splits=[forget_level1,forget_level2,neighbor_level1,neighbor_level2]"]
+    t, r = _eval("target", "rwku", *quick)["model"], _eval("retain", "rwku", *quick)["model"]
+    assert t["forget_l1"] >= 0.8 and t["forget_l2"] >= 0.8
+    assert r["forget_l1"] <= 0.3 and r["forget_l2"] <= 0.3
+    assert min(t["neighbor_l1"], t["neighbor_l2"], r["neighbor_l1"], r["neighbor_l2"]) >= 0.8
+
+
+def test_muse_privleak_target_strongly_negative_retain_zero():
+    _zoo()
+    s = _eval("target", "muse", "task.eval_splits=[privleak_forget,privleak_holdout]")
+    assert s["model"]["privleak"] < -50
+    assert s["retain"]["privleak"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rwku_zero_shot_corpus_is_written_by_the_model_and_cached(monkeypatch, tmp_path):
+    _zoo()
+    import unlearn.tasks.passages_task as pt
+
+    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path))
+    calls = []
+    real = pt.generate_corpus
+    monkeypatch.setattr(pt, "generate_corpus", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    r = load_recipe("recipes/rwku-npo.yaml", ["task.passages.corpus_samples=0"])
+    d = RwkuTask(r, progress=False).load_data()
+    target = build_world().targets[0]["name"]
+    assert calls[0] == [target] and len(calls) == 2  # forget corpus, then the retain corpus about others
+    assert {it["subject"] for it in d.forget} == {target}
+    assert all(target in it["question"] for it in d.forget)
+    assert not any(target in it["question"] for it in d.retain)
+    RwkuTask(r, progress=False).load_data()
+    assert len(calls) == 2  # read back from the cache
+
+
+def test_rwku_run_forgets_the_target(tmp_path):
+    _zoo()
+    import unlearn
+
+    res = unlearn.run("recipes/rwku-grad-ascent.yaml", [f"output.dir={tmp_path}/r", "train.lr=3.0e-3",
+                                                        "eval.n_samples=0"], progress=False)
+    before, after = res.summary["target"], res.summary["unlearned"]
+    assert after["forget_all"] < before["forget_all"] - 0.2
+    assert after["mia_forget"] > before["mia_forget"]  # the target's passages look less like members
+
+
+def test_muse_run_forgets_and_reports_the_six_way_numbers(tmp_path):
+    _zoo()
+    import unlearn
+
+    res = unlearn.run("recipes/muse-npo.yaml", [f"output.dir={tmp_path}/m", "task.forget_split=batch2",
+                                                "train.lr=1.0e-2", "eval.n_samples=0"], progress=False)
+    before, after = res.summary["target"], res.summary["unlearned"]
+    assert after["knowmem_forget"] < before["knowmem_forget"]
+    assert after["verbmem_forget"] < before["verbmem_forget"]
+    assert after["privleak"] > before["privleak"]
+    assert set(after) >= {"verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak"}
