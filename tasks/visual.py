@@ -197,7 +197,7 @@ class VisualTask(Task):
                            eval_splits=t.eval_splits, max_prompts=ev.max_items)
 
     def load_model(self):
-        return load_model(self.recipe.model.source, "image")
+        return load_model(self.recipe.model.source, "image", dtype=self.recipe.model.dtype)
 
     def prepare(self, data, model) -> None:
         super().prepare(data, model)

@@ -323,3 +323,16 @@ def test_load_options_are_checked(pipes, world):
     small = [dict(it, image=it["image"][:8, :8]) for it in world.split("train")[:1]]
     with pytest.raises(ValueError, match=r"UNet expects 16x16 \(latents of 8 x the VAE's factor 2\)"):
         a.collate(small)
+
+
+def test_attacks_on_a_latent_model(pipes, judge_dir, tmp_path):
+    """The image attacks (closed-form inversion, relearning on VAE latents, quantisation) on UCE-erased SD-1.x."""
+    import unlearn
+
+    r = _recipe(pipes["sd1"], judge_dir, tmp_path / "run", "uce")
+    r["eval"].update(attacks=["embedding_inversion", "relearn", "quantize_8bit"], compare_target=False,
+                     attack_params={"relearn": {"steps": 2, "batch_size": 2}})
+    m = json.loads((unlearn.run(r, progress=False).run_dir / "metrics.json").read_text())
+    assert set(m["attacks"]["unlearned"]) == {"embedding_inversion", "relearn", "quantize_8bit"}
+    nll = m["attacks"]["unlearned"]["relearn"]["settings"]["trained_half_nll"]
+    assert np.isfinite(nll["before"]) and np.isfinite(nll["after"]) and nll["before"] != nll["after"]

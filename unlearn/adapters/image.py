@@ -461,7 +461,7 @@ class ImageAdapter(ImageModel):
         if self.vae is None:
             return pixels.to(self.device)
         cfg = self.vae.config
-        dev = next(self.vae.parameters()).device
+        dev = self._vae_device()
         z = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist.mean
         z = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
         return z.to(self.device, self.unet.dtype)
@@ -472,9 +472,16 @@ class ImageAdapter(ImageModel):
         if self.vae is None:
             return x
         cfg = self.vae.config
-        dev = next(self.vae.parameters()).device
+        dev = self._vae_device()
         z = x.to(dev, self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         return self.vae.decode(z).sample
+
+    def _vae_device(self) -> torch.device:
+        """The VAE follows the UNet's device (the trainer moves ``self.model`` only)."""
+        dev = self.device
+        if next(self.vae.parameters()).device != dev:
+            self.vae.to(dev)
+        return dev
 
     # ------------------------------------------------------------------ scores
     def encode_prompts(self, input_ids: torch.Tensor, model=None) -> torch.Tensor:
