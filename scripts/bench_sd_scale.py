@@ -19,6 +19,7 @@ The prompts are tokenized by a small word-level tokenizer (ids < 49408): the tim
 depend on the vocabulary. Run on an otherwise idle machine::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sd_scale.py --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sd_scale.py --threads 1 --closed-forms-only   # UCE, RECE
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--rece-epochs", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3, help="UCE repeats (median)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--closed-forms-only", action="store_true", help="UCE and RECE only (no sampling, no ESD)")
     ap.add_argument("--smoke", action="store_true", help="tiny channels: check the script runs (figures meaningless)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,6 +120,10 @@ def main() -> None:
     res["rece_edit_s"] = info["edit_seconds"]
     res["rece_epochs"] = args.rece_epochs
     res["peak_gib_after_closed_forms"] = round(peak_gib(), 2)
+
+    if args.closed_forms_only:
+        print(json.dumps(res, indent=1))
+        return
 
     # ---- one guided UNet step at 64x64 latents + VAE decode
     with torch.no_grad():

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
-from unlearn.editors.uce import (UCEConfig, adapter_concept_embeddings, concept_prompts, cross_attention_kv,
-                                 uce_edit_unet, uce_erase)
+from unlearn.editors.uce import (UCEConfig, concept_prompts, cross_attention_kv,
+                                 uce_edit_unet, uce_embeddings, uce_erase)
 from unlearn.tasks.visual_task import eval_split
 
 PAPER = ("Gong, Chen, Wei, Chen, Jiang (2024). Reliable and Efficient Concept Erasure of Text-to-Image Diffusion "
@@ -295,10 +295,8 @@ class RECE(Editor):
         t0 = time.perf_counter()
         original_state = _kv_state(unet)
         original = list(original_state.values())  # W, cross_attention_kv order
-        uce_info = uce_erase(adapter, erase, guide, preserve, c.uce())
-        ce = adapter_concept_embeddings(adapter, erase, c.n_trailing)  # (k, d)
-        cg = adapter_concept_embeddings(adapter, guide, c.n_trailing)  # (k, d)
-        cp = adapter_concept_embeddings(adapter, list(dict.fromkeys([""] + list(preserve))), c.n_trailing)  # (m, d)
+        ce, cg, cp = uce_embeddings(adapter, erase, guide, preserve, c.n_trailing)  # (k, d), (k, d), (m, d)
+        uce_info = uce_erase(adapter, erase, guide, preserve, c.uce(), embeddings=(ce, cg, cp))
         t_edit = time.perf_counter() - t0
 
         erasure = [score()] if validate else None

@@ -210,27 +210,39 @@ def adapter_concept_embeddings(adapter, prompts: list[str], n_trailing: int = 0)
 
 
 @torch.no_grad()
+def uce_embeddings(adapter, erase_prompts: list[str], guide_prompts: list[str], preserve_prompts: list[str],
+                   n_trailing: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C_e (k, d), C_g (k, d), C_p (m, d))``: the concept embeddings :func:`uce_erase` edits with
+    (the empty prompt is always preserved)."""
+    if len(erase_prompts) != len(guide_prompts) or not erase_prompts:
+        raise ValueError(f"got {len(erase_prompts)} erase and {len(guide_prompts)} guide prompts: "
+                         "give one guide prompt per erase prompt (at least one)")
+    ce = adapter_concept_embeddings(adapter, list(erase_prompts), n_trailing)
+    cg = adapter_concept_embeddings(adapter, list(guide_prompts), n_trailing)
+    if ce.shape != cg.shape:
+        raise ValueError(f"erase prompts give {ce.shape[0]} embeddings but guide prompts {cg.shape[0]}: with "
+                         "n_trailing > 0 pair prompts of similar length or use n_trailing=0")
+    keep = list(dict.fromkeys([""] + list(preserve_prompts)))
+    return ce, cg, adapter_concept_embeddings(adapter, keep, n_trailing)
+
+
+@torch.no_grad()
 def uce_erase(adapter, erase_prompts: list[str], guide_prompts: list[str], preserve_prompts: list[str],
-              config: UCEConfig | None = None) -> dict:
+              config: UCEConfig | None = None,
+              embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Erase concepts from an :class:`~unlearn.adapters.image.ImageAdapter` in place.
 
     Each erase prompt (e.g. ``"red"``) is paired with a guide prompt (``"blue"``, or ``""`` for
     objects); the preserve prompts (``""`` is always added) keep their K/V outputs. Embeddings
     are the text encoder's outputs at each prompt's last word token (+ ``n_trailing``).
 
+    ``embeddings``: :func:`uce_embeddings` of the same prompts, when the caller has them already.
+
     Returns ``{"edited": [names in adapter.model], "max_abs_change", "n_edit", "n_preserve"}``.
     """
     cfg = config or UCEConfig()
-    if len(erase_prompts) != len(guide_prompts) or not erase_prompts:
-        raise ValueError(f"got {len(erase_prompts)} erase and {len(guide_prompts)} guide prompts: "
-                         "give one guide prompt per erase prompt (at least one)")
-    ce = adapter_concept_embeddings(adapter, list(erase_prompts), cfg.n_trailing)
-    cg = adapter_concept_embeddings(adapter, list(guide_prompts), cfg.n_trailing)
-    if ce.shape != cg.shape:
-        raise ValueError(f"erase prompts give {ce.shape[0]} embeddings but guide prompts {cg.shape[0]}: with "
-                         "n_trailing > 0 pair prompts of similar length or use n_trailing=0")
-    keep = list(dict.fromkeys([""] + list(preserve_prompts)))
-    cp = adapter_concept_embeddings(adapter, keep, cfg.n_trailing)
+    ce, cg, cp = embeddings if embeddings is not None else uce_embeddings(
+        adapter, erase_prompts, guide_prompts, preserve_prompts, cfg.n_trailing)
     info = uce_edit_unet(adapter.unet, ce, cg, cp, cfg)
     adapter._fingerprint = None
     return {"edited": [f"unet.{n}" for n in info["edited"]], "max_abs_change": info["max_abs_change"],
