@@ -101,7 +101,7 @@ def esd_loss(adapter, reference, x_t: torch.Tensor, t: torch.Tensor, cond: torch
     Args:
         adapter: the model being edited (ε_θ; differentiable).
         reference: the frozen original (ε*; evaluated without gradients).
-        x_t: ``(B, 3, H, W)`` noisy images; t: ``(B,)`` timesteps.
+        x_t: ``(B, C, h, w)`` noisy images (pixels, or a latent model's latents); t: ``(B,)`` timesteps.
         cond, uncond: ``(B, T, d)`` text-encoder embeddings of the concept prompt and of ``""``.
     Returns:
         the scalar loss (mean over all pixels and the batch).
@@ -123,7 +123,7 @@ def sample_xt(reference, ddim, cond: torch.Tensor, uncond: torch.Tensor, n_steps
         ddim: a ``DDIMScheduler`` with ``set_timesteps`` called; ``n_steps < len(ddim.timesteps)``.
         cond, uncond: ``(B, T, d)`` prompt and empty-prompt embeddings.
     Returns:
-        ``(x_t (B, 3, H, W), t (B,) long)`` with ``t = ddim.timesteps[n_steps]`` (the timestep
+        ``(x_t (B, *reference.noise_shape), t (B,) long)`` with ``t = ddim.timesteps[n_steps]`` (the timestep
         x_t is at, where the ESD loss is taken).
     """
     b, dev = cond.shape[0], reference.device
