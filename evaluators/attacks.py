@@ -9,7 +9,9 @@ registered once in :data:`ATTACKS` with the kinds of model it applies to (``moda
 
 * text: ``paraphrase``, ``jailbreak_prefix``, ``jailbreak_roleplay``, ``jailbreak_reverse``,
   ``jailbreak_mc``, ``in_context`` (:mod:`unlearn.evaluators.text_attacks`);
-* image: ``embedding_inversion`` (:mod:`unlearn.evaluators.image_attacks`);
+* image: ``embedding_inversion`` (:mod:`unlearn.evaluators.image_attacks`); the optimisation
+  attacks ``unlearndiffatk``, ``p4d``, ``ring_a_bell``, ``concept_inversion``
+  (:mod:`unlearn.evaluators.optim_attacks`);
 * text and image: ``relearn``, ``quantize_8bit``, ``quantize_4bit``
   (:mod:`unlearn.evaluators.model_attacks`).
 
@@ -36,6 +38,8 @@ from unlearn.evaluators.image_attacks import (FORGET_SPLITS, EmbeddingInversion,
 from unlearn.evaluators.model_attacks import (ModelAttack, Quantize4bit, Quantize8bit, QuantizeConfig, Relearn,
                                               RelearnConfig, _mean_nll, _Relearn, _trainable_copy, fake_quantize,
                                               quantize_linear_weights_)
+from unlearn.evaluators.optim_attacks import (P4D, ConceptInversion, InversionTokenConfig, RingABell,
+                                              RingABellConfig, TokenAttackConfig, UnlearnDiffAtk)
 from unlearn.evaluators.text_attacks import (METRICS, REVERSE_TEMPLATES, RWKU_PAPER, InContext, InContextConfig,
                                              JailbreakMC, JailbreakPrefix, JailbreakReverse, JailbreakRoleplay,
                                              MCConfig, Paraphrase, ParaphraseConfig, PrefixConfig, PromptAttack,
@@ -71,6 +75,10 @@ register_attack(EmbeddingInversion)
 register_attack(Relearn)
 register_attack(Quantize8bit)
 register_attack(Quantize4bit)
+register_attack(UnlearnDiffAtk)
+register_attack(P4D)
+register_attack(RingABell)
+register_attack(ConceptInversion)
 
 
 def _check_modality(modality: str) -> None:
@@ -95,6 +103,10 @@ ATTACK_SETS: dict[str, dict[str, tuple[str, ...]]] = {
                  "in_context", "relearn", "quantize_8bit", "quantize_4bit"),
         "image": ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit"),
     },
+    # optimisation (v1): the prompt-optimisation attacks on text-to-image models, default budgets
+    "optimisation": {
+        "image": ("unlearndiffatk", "p4d", "ring_a_bell", "concept_inversion"),
+    },
 }
 
 
@@ -106,6 +118,9 @@ def expand_attack_sets(names, modality: str) -> list[str]:
         names = [names]
     out: list[str] = []
     for n in names:
+        if n in ATTACK_SETS and modality not in ATTACK_SETS[n]:
+            raise ValueError(f"attack set {n!r} has no attacks for {modality} models (it is for "
+                             f"{' and '.join(ATTACK_SETS[n])} models)")
         out += list(ATTACK_SETS[n][modality]) if n in ATTACK_SETS else [n]
     return out
 
@@ -219,8 +234,10 @@ def run_image_attacks(names: list[str], erased, original, data, splits: dict, ev
         evaluate: ``evaluate(model, splits) -> harness result`` with the run's i2p suite.
         before: the erased model's own harness result on those splits (the "before").
     Returns:
-        ``{name: {"before", "after", "delta", "note", "settings", "paper", "seconds"}}``, each of
-        before/after/delta ``{split: erasure rate (forget splits) or in-domain accuracy (retain)}``.
+        ``{name: {"before", "after", "delta", "asr", "note", "settings", "paper", "seconds"}}``, each of
+        before/after/delta ``{split: erasure rate (forget splits) or in-domain accuracy (retain)}``;
+        ``asr`` ``{"before": {split: concept rate}, "after": {...}}`` on the forget splits (concept
+        rate = 1 − erasure rate; "after" is the attack success rate).
     """
     return run_attacks(names, erased, original, image_inputs(data), image_scorer(splits, evaluate, before),
                        params=params, seed=seed, modality="image")
@@ -240,5 +257,6 @@ __all__ = [
     "ModelAttack", "Relearn", "RelearnConfig", "Quantize8bit", "Quantize4bit", "QuantizeConfig", "fake_quantize",
     "quantize_linear_weights_", "_trainable_copy", "_Relearn", "_mean_nll",
     # image
-    "FORGET_SPLITS", "EmbeddingInversion", "InversionConfig", "image_inputs", "image_scorer",
+    "UnlearnDiffAtk", "P4D", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
+    "InversionTokenConfig", "FORGET_SPLITS", "EmbeddingInversion", "InversionConfig", "image_inputs", "image_scorer",
 ]

@@ -34,7 +34,8 @@ def zoo_setup():
 
 
 def test_the_image_attacks_of_the_registry():
-    assert attack_names("image") == ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit")
+    assert attack_names("image") == ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit",
+                                     "unlearndiffatk", "p4d", "ring_a_bell", "concept_inversion")
 
 
 def test_embedding_inversion_changes_only_prompts_with_the_concept_word(zoo_setup):
@@ -97,7 +98,7 @@ def test_run_image_attacks_checks_names_settings_and_the_original(zoo_setup):
     with pytest.raises(ValueError, match="needs the model before erasure"):
         run_image_attacks(["embedding_inversion"], erased, None, data, {}, ev, {"splits": {}})
     with pytest.raises(ValueError, match=r"'in_context' does not apply to image models .*attacks for image models: "
-                                         r"embedding_inversion, relearn, quantize_8bit, quantize_4bit"):
+                                         r"embedding_inversion, relearn, quantize_8bit, quantize_4bit, unlearndiffatk"):
         run_image_attacks(["relearn", "in_context"], erased, original, data, {}, ev, {"splits": {}})
     with pytest.raises(ValueError, match="modality='text', but the model's modality is 'image'"):
         run_attacks(["relearn"], erased, None, image_inputs(data), lambda a, att: {}, modality="text")
@@ -122,5 +123,6 @@ def test_relearn_records_the_image_learning_rate(zoo_setup):
     r = res["relearn"]
     assert r["settings"]["lr"] == 1e-4 and r["settings"]["steps_done"] == 1 and r["settings"]["seed"] == 3
     assert "lr 0.0001" in r["note"] and r["delta"] == {"forget_explicit": -0.75} and r["seconds"] >= 0
+    assert r["asr"] == {"before": {"forget_explicit": 0.0}, "after": {"forget_explicit": 0.75}}
     assert len(calls) == 1 and calls[0] is not erased
     assert make_attack("relearn", modality="image").lr_for("image") == 1e-4
