@@ -252,7 +252,7 @@ def test_configs_refuse_bad_values(make):
 
 def test_registry_holds_every_objective_and_rejects_unknown_names():
     assert OBJECTIVES.names() == sorted(["grad_ascent", "grad_diff", "npo", "simnpo", "idk_nll", "idk_dpo",
-                                         "flat", "rmu", "undial", "wga", "needle", "uoe"])
+                                         "flat", "rmu", "undial", "wga", "needle", "uoe", "salun"])
     assert OBJECTIVES.get("npo") is NPO
     with pytest.raises(ValueError, match="did you mean 'grad_ascent'"):
         OBJECTIVES.get("grad_ascnt")

@@ -260,8 +260,31 @@ class _UOEParams:
             raise ValueError(f"layer and expert must be >= 0, got layer={self.layer}, expert={self.expert}")
 
 
+@dataclass
+class _SalUnParams:
+    fraction: float = 0.5
+    group: str | None = None
+    pattern: str | None = None
+    items: int = 64
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise invalid("fraction", f"must be in (0, 1] (the share of entries kept by the saliency mask), got "
+                                      f"{self.fraction}")
+        _positive(self, "items", "batch_size")
+        if self.group is not None and self.pattern is not None:
+            raise invalid("pattern", "give group or pattern, not both (they both restrict the mask's scope)")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise invalid("pattern", f"is not a valid regular expression ({e}): {self.pattern!r}") from None
+
+
 _SELECTION_PARAMS: dict[str, type] = {"full": _NoParams, "lora": _LoraParams, "regex": _RegexParams,
-                                      "columns": _ColumnsParams, "uoe": _UOEParams, "group": _GroupParams}
+                                      "columns": _ColumnsParams, "uoe": _UOEParams, "group": _GroupParams,
+                                      "salun": _SalUnParams}
 
 
 @dataclass
@@ -271,10 +294,11 @@ class SelectionSpec:
     columns ({parameter name: [column indices]}; left out: the objective chooses, e.g. needle); uoe: layer,
     expert (one MoE expert's FFN + that layer's router; left out: the objective chooses, e.g. uoe); group: group
     (a named parameter group of the image adapter: cross_attention_kv, cross_attention, non_cross_attention,
-    self_attention, time_embedding, unet, text_encoder)."""
+    self_attention, time_embedding, unet, text_encoder); salun: fraction, group or pattern, items, batch_size
+    (SalUn's saliency mask: the top fraction of entries by |gradient of the forget loss|)."""
 
-    name: Literal["full", "lora", "regex", "columns", "uoe", "group"] = _opt(
-        "full", help="full, lora, regex, columns, uoe or group")
+    name: Literal["full", "lora", "regex", "columns", "uoe", "group", "salun"] = _opt(
+        "full", help="full, lora, regex, columns, uoe, group or salun")
     params: dict[str, Any] = _opt(factory=dict, help="parameters of the selection")
 
     def __post_init__(self) -> None:

@@ -139,7 +139,7 @@ def apply_method(method, adapter, data, recipe, *, task=None, spill_dir: Path | 
     if recipe.train.gradient_checkpointing:  # after the reference copy: that one only runs forward
         adapter.enable_gradient_checkpointing()
     sel = recipe.method.selection
-    sel_info = apply_selection(adapter, sel.name, dict(sel.params), objective=method)
+    sel_info = apply_selection(adapter, sel.name, dict(sel.params), objective=method, forget=data.forget)
     before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
     train_eval = None
     if baseline is not None:

@@ -15,6 +15,13 @@
   router weight; without ``params`` the objective picks them (``objective.expert_target()``).
   The experts of a layer are fused 3-D tensors (transformers >= 5), so the expert gets a
   parametrization ``W -> W + delta`` on its slice ``W[e]`` (only ``delta`` trains); merged on save.
+* ``salun`` -- SalUn's weight saliency mask (Fan et al., 2024, arXiv:2310.12508): the gradient of
+  the forget loss (the adapter's own per-item loss -- answer NLL, or the denoising loss -- averaged
+  over up to ``params.items`` forget items) at the model before training; the top ``fraction`` of
+  entries by ``|gradient|``, over all parameters in scope (``params.group`` / ``params.pattern``;
+  default every parameter), one global threshold. Each parameter with a kept entry gets a
+  parametrization ``W -> W + mask ⊙ delta``; only ``delta`` trains, so no entry outside the mask
+  can change (weight decay included); merged on save. Any objective trains through it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from unlearn.adapters.base import Adapter
 from unlearn.probes.base import stores_transposed
 from unlearn.probes.expert_attribution import moe_blocks
 
-SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group")
+SELECTIONS = ("full", "lora", "regex", "columns", "uoe", "group", "salun")
 
 _LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
 
@@ -93,6 +100,20 @@ def validate_selection(name: str, params: dict[str, Any], path: str = "method.se
         if not isinstance(params.get("group"), str) or not params["group"]:
             raise ValueError(f"{path}.params.group is required for 'group' (a parameter group of the adapter, "
                              "e.g. cross_attention)")
+    if name == "salun":
+        extra = set(params) - {"fraction", "group", "pattern", "items", "batch_size"}
+        if extra:
+            raise ValueError(f"{path}.params.{sorted(extra)[0]} is unknown for 'salun'; allowed: fraction, group, "
+                             "pattern, items, batch_size")
+        f = params.get("fraction", 0.5)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"{path}.params.fraction must be in (0, 1], got {f!r}")
+        for k in ("items", "batch_size"):
+            v = params.get(k, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{path}.params.{k} must be an int >= 1, got {v!r}")
+        if params.get("group") is not None and params.get("pattern") is not None:
+            raise ValueError(f"{path}.params: give group or pattern, not both")
     if name == "lora":
         for k, v in params.items():
             if k not in _LORA_KEYS:
@@ -140,6 +161,109 @@ class ExpertDelta(torch.nn.Module):
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:  # (E, a, b) -> (E, a, b)
         return W.index_add(0, self.expert, self.delta.to(W.dtype).unsqueeze(0))
+
+
+class MaskedDelta(torch.nn.Module):
+    """Parametrization of any parameter: ``W -> W + mask ⊙ delta`` (SalUn's saliency mask).
+
+    ``delta`` (W's shape) starts at zero and is the only trainable tensor; entries where the
+    boolean ``mask`` is False never change (their gradient is zero and weight decay on ``delta``
+    is multiplied by zero)."""
+
+    def __init__(self, mask: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(dtype))
+        self.delta = torch.nn.Parameter(torch.zeros(mask.shape, dtype=dtype, device=mask.device))
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W + (self.delta * self.mask).to(W.dtype)
+
+
+def salun_scores(adapter, forget: list[dict], names: list[str], items: int = 64,
+                 batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """``{name: |∂ L_f / ∂ W|}`` for the parameters ``names`` of ``adapter.model``: ``L_f`` the mean
+    of the adapter's per-item loss (``item_nll`` per token / timestep) over the first ``items`` forget
+    items, in batches of ``batch_size``. Nothing is written to ``.grad``."""
+    named = dict(adapter.model.named_parameters())
+    params = [named[n] for n in names]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    chunk = forget[:items]
+    try:
+        for s in range(0, len(chunk), batch_size):
+            part = chunk[s:s + batch_size]
+            nll, n = adapter.item_nll(adapter.collate(part))
+            loss = (nll / n.clamp(min=1)).sum() / len(chunk)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a += g.float()
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    return {n: a.abs() for n, a in zip(names, acc)}
+
+
+def salun_masks(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Boolean masks keeping exactly ``round(fraction · N)`` entries (at least 1) of the ``N`` in
+    ``scores``: the largest, one global threshold (ties broken by ``torch.topk``)."""
+    flat = torch.cat([v.reshape(-1) for v in scores.values()])
+    k = max(1, int(round(fraction * flat.numel())))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices.cpu()] = True
+    out, i = {}, 0
+    for n, v in scores.items():
+        out[n] = keep[i:i + v.numel()].reshape(v.shape).to(v.device)
+        i += v.numel()
+    return out
+
+
+def _apply_salun(adapter, params: dict[str, Any], forget: list[dict] | None) -> SelectionInfo:
+    from torch.nn.utils import parametrize
+
+    if not forget:
+        raise ValueError("method.selection 'salun' computes its mask from the forget set's loss gradient, but got no "
+                         "forget items (apply_selection(..., forget=data.forget))")
+    model = adapter.model
+    names = [n for n, _ in model.named_parameters()]
+    if params.get("group") is not None:
+        if not hasattr(adapter, "parameter_groups"):
+            raise ValueError("method.selection.params.group needs an adapter with parameter groups; use pattern")
+        groups = adapter.parameter_groups()
+        if params["group"] not in groups:
+            raise ValueError(f"method.selection.params.group {params['group']!r} is unknown; the adapter has "
+                             f"{', '.join(groups)}")
+        names = [n for n in names if n in set(groups[params["group"]])]
+    elif params.get("pattern") is not None:
+        pat = re.compile(params["pattern"])
+        names = [n for n in names if pat.search(n)]
+    if not names:
+        raise ValueError(f"method.selection 'salun': no parameter in scope (params {params})")
+    fraction = float(params.get("fraction", 0.5))
+    scores = salun_scores(adapter, forget, names, int(params.get("items", 64)), int(params.get("batch_size", 8)))
+    masks = salun_masks(scores, fraction)
+    total = _count(model)[1]
+    in_scope = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    masked = 0
+    for n, m in masks.items():
+        if not m.any():
+            continue
+        mod_name, _, attr = n.rpartition(".")
+        module = modules[mod_name]
+        parametrize.register_parametrization(module, attr, MaskedDelta(m, getattr(module, attr).dtype))
+        masked += 1
+    for mod in model.modules():
+        if isinstance(mod, MaskedDelta):
+            mod.delta.requires_grad_(True)
+    info = {**params, "fraction": fraction, "kept": kept, "in_scope": in_scope, "masked_parameters": masked,
+            "forget_items": min(len(forget), int(params.get("items", 64)))}
+    return SelectionInfo("salun", kept, total, info)
 
 
 def _apply_uoe(adapter, params: dict[str, Any], objective) -> SelectionInfo:
@@ -216,10 +340,11 @@ def _apply_columns(adapter, params: dict[str, Any], objective) -> SelectionInfo:
                          {"columns": {k: sorted(v) for k, v in cols.items()}, "source": source})
 
 
-def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None = None, objective=None) -> SelectionInfo:
+def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None = None, objective=None,
+                    forget: list[dict] | None = None) -> SelectionInfo:
     """Make only the selected parameters trainable (wrapping the model for LoRA, parametrizing
-    the chosen weights for ``columns``). ``objective``: asked for its columns by ``columns``
-    without ``params.columns``."""
+    the chosen weights for ``columns`` and ``salun``). ``objective``: asked for its columns by
+    ``columns`` without ``params.columns``. ``forget``: the forget items (``salun``'s gradient)."""
     params = dict(params or {})
     validate_selection(name, params)
     model = adapter.model
@@ -257,6 +382,8 @@ def apply_selection(adapter, name: str = "full", params: dict[str, Any] | None =
         return _apply_columns(adapter, params, objective)
     if name == "uoe":
         return _apply_uoe(adapter, params, objective)
+    if name == "salun":
+        return _apply_salun(adapter, params, forget)
     from peft import LoraConfig, get_peft_model
 
     total = _count(model)[1]
@@ -283,6 +410,10 @@ def finalize_selection(adapter) -> None:
     experts = [(m, k) for m in adapter.model.modules() if parametrize.is_parametrized(m)
                for k in list(m.parametrizations.keys()) if any(isinstance(f, ExpertDelta) for f in m.parametrizations[k])]
     for m, k in experts:
+        parametrize.remove_parametrizations(m, k, leave_parametrized=True)
+    salient = [(m, k) for m in adapter.model.modules() if parametrize.is_parametrized(m)
+               for k in list(m.parametrizations.keys()) if any(isinstance(f, MaskedDelta) for f in m.parametrizations[k])]
+    for m, k in salient:
         parametrize.remove_parametrizations(m, k, leave_parametrized=True)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
