@@ -66,3 +66,7 @@ register_editor(RECE)
 from unlearn.editors.safree import SAFREE, load_safree  # noqa: E402
 
 register_editor(SAFREE, load_safree)
+
+from unlearn.editors.concept_ablation import ConceptAblation  # noqa: E402
+
+register_editor(ConceptAblation)
