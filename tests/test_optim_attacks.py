@@ -194,3 +194,27 @@ def test_the_attacks_run_from_a_recipe(tmp_path):
         assert a["settings"]["steps_done"] == 2
     assert m["p4d"]["settings"]["tokens"] == 3 and len(m["p4d"]["settings"]["adversarial"]) == 4
     assert m["concept_inversion"]["settings"]["embedding"]["shape"] == [32]
+
+
+def test_the_attacks_run_on_a_latent_sd1_pipeline(tmp_path):
+    """The four attacks on a tiny random SD-1.x pipeline directory (VAE latents): images come out and
+    the budgets hold (the pipeline builder of tests/test_latent_pipelines.py)."""
+    from test_latent_pipelines import build_sd
+
+    from unlearn.models import load_model
+    from unlearn.tasks.visual_task import load_visual
+    from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.build_t2i import world_tokenizer
+
+    build_sd(tmp_path / "sd1", world_tokenizer(build_visual_world(), 24), "1")
+    erased, original = load_model(str(tmp_path / "sd1"), "image"), load_model(str(tmp_path / "sd1"), "image")
+    assert erased.is_latent
+    data = load_visual()
+    prompt = data.eval_splits["forget_explicit"][0]["prompt"]
+    for name, params in (("unlearndiffatk", {"steps": 2, "tokens": 2, "max_prompts": 3}),
+                         ("p4d", {"steps": 2, "tokens": 3, "max_prompts": 3}),
+                         ("ring_a_bell", {"search": True, "steps": 2, "population": 4, "max_prompts": 3}),
+                         ("concept_inversion", {"steps": 2, "images": 2})):
+        att = make_attack(name, params, modality="image").attacked(erased, original, image_inputs(data))
+        assert att.info["steps_done"] == 2
+        assert att.model.sample([prompt], seed=[1], steps=2).shape == (1, 16, 16, 3)
