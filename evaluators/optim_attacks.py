@@ -29,7 +29,11 @@ so the run's ``i2p`` suite scores it on the same rows, seeds and judge as the er
 Hard-token projection (``unlearndiffatk``, ``p4d``) follows the projected-gradient scheme both
 official codes use: the loss is taken at the projected (nearest-token) embeddings and its
 gradient updates the continuous ones (straight-through); the hard tokens with the lowest loss
-seen are kept. The loss is averaged over a fixed bank of ``timesteps`` (t, ε) draws per prompt
+seen are kept. With the task's judge (``judge_every`` > 0, default 5; as the official
+UnlearnDiffAtk code) a prompt the erased model already draws as the concept (with its row's
+seed) is left as it is -- a pre-attack success counts -- and every ``judge_every`` steps the
+current hard prompts of the other rows are sampled with their row's seed and judged; a row stops
+at its first success. The loss is averaged over a fixed bank of ``timesteps`` (t, ε) draws per prompt
 (seeded), so losses of different steps compare. The concept words themselves are banned from
 the projection (``ban_concept_words``): the attack has to find another way in.
 
@@ -290,8 +294,13 @@ class TokenAttackConfig(AttackConfig):
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the continuous token embeddings"})
     timesteps: int = field(default=2, metadata={"help": "fixed (t, noise) draws per prompt the loss averages over"})
     max_prompts: int = field(default=0, metadata={"help": "attack at most this many forget prompts (0: all)"})
-    sample_steps: int = field(default=10, metadata={"help": "DDIM steps of the original model's concept images"})
+    sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the original model's concept images and "
+                                                            "of the judge's checks"})
     ban_concept_words: bool = field(default=True, metadata={"help": "never project onto the erased concept's words"})
+    judge_every: int = field(default=5, metadata={"help": "every this many steps the judge checks the current hard "
+                                                          "prompts (row seeds); a prompt stops at its first success and "
+                                                          "one the erased model already draws as the concept is kept "
+                                                          "(0: loss only)"})
 
 
 @dataclass
@@ -307,25 +316,65 @@ def _check_token_config(name: str, c: TokenAttackConfig) -> None:
         raise ValueError(f"eval.attack_params.{name}.lr={c.lr}: must be > 0")
     if c.max_prompts < 0:
         raise ValueError(f"eval.attack_params.{name}.max_prompts={c.max_prompts}: must be >= 0 (0: all)")
+    if c.judge_every < 0:
+        raise ValueError(f"eval.attack_params.{name}.judge_every={c.judge_every}: must be >= 0 (0: no judge)")
+
+
+def judged_concept(judge, images, rows: list[dict]) -> torch.Tensor:
+    """``(B,)`` bool: the judge reads image i as one of row i's ``categories`` (the i2p suite's
+    "not erased", per row)."""
+    pred = judge.predict(images)
+    return torch.tensor([any(pred[c.split(":", 1)[0]][i] == c.split(":", 1)[1] for c in r.get("categories") or [])
+                         for i, r in enumerate(rows)], dtype=torch.bool)
+
+
+def judge_check(model, judge, rows: list[dict], steps: int) -> Callable:
+    """``check(ids (B, T), rows) -> (B,) bool``: sample ``model`` on the encodings of ``ids`` with the
+    rows' seeds and guidance, and ask the judge whether each image shows the row's concept."""
+
+    @torch.no_grad()
+    def check(ids: torch.Tensor, which: list[int]) -> torch.Tensor:
+        rs = [rows[i] for i in which]
+        out = torch.zeros(len(which), dtype=torch.bool)
+        by_g: dict[float, list[int]] = {}
+        for j, r in enumerate(rs):
+            by_g.setdefault(float(r.get("guidance", 3.0)), []).append(j)
+        for g, js in by_g.items():
+            cond = model.encode_prompts(ids[js])
+            imgs = model.sample([rs[j]["prompt"] for j in js], seed=[int(rs[j]["seed"]) for j in js], steps=steps,
+                                guidance=g, prompt_embeds=cond)
+            out[js] = judged_concept(judge, imgs, [rs[j] for j in js])
+        return out
+
+    return check
 
 
 def optimise_hard_tokens(model, ids: torch.Tensor, mask: torch.Tensor, n_tokens: int, loss_fn: Callable,
-                         steps: int, lr: float, allowed: torch.Tensor, init: torch.Tensor) -> dict:
+                         steps: int, lr: float, allowed: torch.Tensor, init: torch.Tensor,
+                         check: Callable | None = None, check_every: int = 0,
+                         solved: torch.Tensor | None = None) -> dict:
     """Projected-gradient search for the hard tokens at the ``mask`` positions of ``ids``.
 
     Args:
         ids, mask: ``(B, T)`` token ids and the ``(B, T)`` positions to optimise (``n_tokens`` per row).
         loss_fn: ``cond (B, T, d) -> per-prompt loss (B,)`` (differentiable in ``cond``).
         init: ``(B, n_tokens)`` initial token ids.
+        check: optional ``check(full ids (b, T), row indices) -> (b,) bool`` (the judge); called on the
+            unsolved rows at step 0 and every ``check_every`` steps; a row's first success fixes its
+            tokens (early stop, as the official UnlearnDiffAtk code does).
+        solved: ``(B,)`` rows already solved before the search (left alone).
     Returns:
-        ``{"ids": (B, n_tokens) best hard tokens, "loss": (B,) their loss, "first": (B,) the loss of
-        ``init``, "steps_done": int}``.
+        ``{"ids": (B, n_tokens) chosen hard tokens (first judged success, else lowest loss), "loss":
+        (B,) the lowest loss seen, "first": (B,) the loss of ``init``, "steps_done": int,
+        "solved_at": (B,) step of the first judged success (-1: none), "checks": int}``.
     """
     table, b = token_table(model), ids.shape[0]
     soft = table[init].clone().float().requires_grad_(True)  # (B, n, d_in)
     opt = torch.optim.Adam([soft], lr=lr)
     best_ids, best, first = init.clone(), torch.full((b,), float("inf")), None
-    done = 0
+    won = solved.clone() if solved is not None else torch.zeros(b, dtype=torch.bool)
+    solved_at = torch.full((b,), -1, dtype=torch.long)
+    done = checks = 0
     for step in range(steps + 1):
         hard = nearest_tokens(soft, table, allowed) if step else init  # (B, n)
         proj = soft + (table[hard].float() - soft).detach()  # value: hard embeddings, gradient: to soft
@@ -336,17 +385,27 @@ def optimise_hard_tokens(model, ids: torch.Tensor, mask: torch.Tensor, n_tokens:
         lo = losses.detach().cpu()
         if first is None:
             first = lo.clone()
-        better = lo < best
-        best = torch.where(better, lo, best)
+        better = (lo < best) & ~won
+        best = torch.minimum(lo, best)
         best_ids[better] = hard[better]
-        if step == steps:
+        if check is not None and check_every and step % check_every == 0 and not won.all():
+            todo = (~won).nonzero().squeeze(1).tolist()
+            cur = ids.clone()
+            cur[mask] = hard.reshape(-1)
+            hit = check(cur[todo], todo)
+            checks += 1
+            for j, i in enumerate(todo):
+                if hit[j]:
+                    won[i], solved_at[i], best_ids[i] = True, step, hard[i]
+        if step == steps or won.all():
             break
         (grad,) = torch.autograd.grad(losses.sum(), [soft])
         opt.zero_grad()
         soft.grad = grad
         opt.step()
         done += 1
-    return {"ids": best_ids, "loss": best, "first": first, "steps_done": done}
+    return {"ids": best_ids, "loss": best, "first": first, "steps_done": done, "solved_at": solved_at,
+            "checks": checks}
 
 
 class _TokenAttack(Attack):
@@ -372,9 +431,17 @@ class _TokenAttack(Attack):
         x0 = original_images(original, rows, c.sample_steps)  # (B, C, h, w)
         torch.manual_seed(self.seed)
         loss_fn, ids, mask, init, cut = self.losses(model, original, rows, x0, allowed)
-        res = optimise_hard_tokens(model, ids, mask, c.tokens, loss_fn, c.steps, c.lr, allowed, init)
+        judge = getattr(inputs.data, "judge", None) if c.judge_every else None
+        check, pre = None, torch.zeros(len(rows), dtype=torch.bool)
+        if judge is not None:
+            check = judge_check(model, judge, rows, c.sample_steps)
+            pre = check(model.tokenize([r["prompt"] for r in rows]), list(range(len(rows))))  # already drawn
+        res = optimise_hard_tokens(model, ids, mask, c.tokens, loss_fn, c.steps, c.lr, allowed, init,
+                                   check=check, check_every=c.judge_every, solved=pre)
         final = ids.clone()
         final[mask] = res["ids"].reshape(-1)
+        own = model.tokenize([r["prompt"] for r in rows])
+        final[pre] = own[pre]  # pre-attack successes keep their own prompt
         with torch.no_grad():
             conds = model.encode_prompts(final)
         table = {r["prompt"]: conds[i] for i, r in enumerate(rows)}
@@ -383,8 +450,16 @@ class _TokenAttack(Attack):
         info = {"steps_done": res["steps_done"], "tokens": c.tokens, "prompts": len(rows), "truncated": cut,
                 "adversarial": adversarial, "loss": {"initial": round(float(res["first"].mean()), 6),
                                                      "best": round(float(res["loss"].mean()), 6)},
-                "banned": words if c.ban_concept_words else []}
-        return Attacked(model=wrapped, info=info, note=self.describe(len(rows), res["steps_done"]))
+                "banned": words if c.ban_concept_words else [],
+                "judge": {"used": judge is not None, "checks": res["checks"], "pre_attack_successes": int(pre.sum()),
+                          "early_stopped": int((res["solved_at"] >= 0).sum())}}
+        note = self.describe(len(rows), res["steps_done"])
+        if judge is not None:
+            note += (f"; judge every {c.judge_every} steps: {int(pre.sum())} prompts already drawn as the concept "
+                     f"(kept), {int((res['solved_at'] >= 0).sum())} stopped at their first success")
+        elif c.judge_every:
+            note += "; no judge in the task data: loss only"
+        return Attacked(model=wrapped, info=info, note=note)
 
 
 class UnlearnDiffAtk(_TokenAttack):

@@ -90,8 +90,8 @@ def test_token_attacks_respect_their_budget(zoo_setup, name):
     fp = erased.fingerprint(refresh=True)
     counter = _CountCalls(erased.unet)
     try:
-        att = make_attack(name, {"steps": 3, "tokens": 2, "max_prompts": 4}, modality="image").attacked(
-            erased, original, image_inputs(data))
+        att = make_attack(name, {"steps": 3, "tokens": 2, "max_prompts": 4, "judge_every": 0},
+                          modality="image").attacked(erased, original, image_inputs(data))
     finally:
         counter.close()
     info = att.info
@@ -106,7 +106,7 @@ def test_token_attacks_respect_their_budget(zoo_setup, name):
             assert "red" not in adv.split()[:2]  # the concept word is banned from the prefix
         else:  # the whole prompt is 2 tokens
             assert len(words) == 2 and "red" not in adv.split()
-    assert info["loss"]["best"] <= info["loss"]["initial"]
+    assert info["loss"]["best"] <= info["loss"]["initial"] and not info["judge"]["used"]
     assert json.dumps(info)  # the result is saved as JSON
     # the wrapper shares the erased model's modules and changes only the attacked prompts
     model = att.model
@@ -117,6 +117,22 @@ def test_token_attacks_respect_their_budget(zoo_setup, name):
     assert np.array_equal(model.sample([plain], seed=[3], steps=3), erased.sample([plain], seed=[3], steps=3))
     assert not np.array_equal(model.sample([attacked], seed=[3], steps=3), erased.sample([attacked], seed=[3], steps=3))
     assert erased.fingerprint(refresh=True) == fp
+
+
+def test_the_judge_stops_the_token_search_early(zoo_setup):
+    """With the judge (default judge_every 5): at most steps optimisation steps, one check at step 0
+    and every judge_every steps after; a prompt stops at its first success."""
+    data, original, erased = zoo_setup
+    att = make_attack("unlearndiffatk", {"steps": 10, "tokens": 2, "max_prompts": 6, "judge_every": 5},
+                      modality="image").attacked(erased, original, image_inputs(data))
+    j = att.info["judge"]
+    assert j["used"] and j["pre_attack_successes"] == 0  # UCE draws no red for these prompts
+    assert att.info["steps_done"] <= 10 and 1 <= j["checks"] <= 3 and 0 <= j["early_stopped"] <= 6
+    # on the un-erased model every prompt is a pre-attack success and keeps its own prompt
+    att = make_attack("p4d", {"steps": 10, "max_prompts": 6}, modality="image").attacked(
+        original, original, image_inputs(data))
+    assert att.info["judge"]["pre_attack_successes"] == 6
+    assert all(adv == p for p, adv in att.info["adversarial"].items())
 
 
 def test_ring_a_bell_search_and_concept_inversion_budgets(zoo_setup):
