@@ -177,8 +177,8 @@ def test_an_attack_on_the_unerased_model_reports_its_own_concept_rate(zoo_setup)
 
 
 def test_attacks_bring_the_concept_back_after_uce(zoo_setup):
-    """Measured (docs/attacks.md): UCE takes the explicit concept rate to 0.0; UnlearnDiffAtk and
-    concept inversion bring some of it back, Ring-A-Bell and P4D do not on this world."""
+    """Measured (docs/images.md, robustness table): UCE takes the explicit concept rate to 0.0;
+    concept inversion, P4D and UnlearnDiffAtk bring some of it back, Ring-A-Bell does not."""
     data, original, erased = zoo_setup
     rows = [r for r in data.eval_splits["forget_explicit"]][:12]
     assert _concept_rate(data, erased, rows) <= 0.05
