@@ -36,6 +36,7 @@ FAMILIES = {
         "description": "Llama-family causal LM (~1.6M params) on the passages world (rwku / muse tasks): target "
                        "(all 60 known entities) and retain (without the 10 targets).",
         "models": ["target", "retain"],
+        "build": "python -m unlearn.zoo.build_passages",
     },
     "tiny-t2i": {
         "description": "text-to-image: pixel-space UNet (~0.8M params) + CLIP text encoder on the I2P-style visual "
@@ -79,7 +80,8 @@ def zoo_path(name: str) -> Path:
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)}" + did_you_mean(name, known))
     found = available()
     if name not in found:
-        raise ValueError(f"zoo model {name!r} is not on this machine; build it with `unlearn zoo build {fam}`")
+        raise ValueError(f"zoo model {name!r} is not on this machine; build it with "
+                         f"`{FAMILIES[fam].get('build', 'unlearn zoo build ' + fam)}`")
     return found[name]
 
 
@@ -88,7 +90,8 @@ def entries() -> list[dict]:
     "path" (None when not built), "build" (the command that builds its family)}``."""
     found = available()
     return [{"name": f"zoo:{fam}/{m}", "family": fam, "model": m,
-             "path": str(found[f"{fam}/{m}"]) if f"{fam}/{m}" in found else None, "build": f"unlearn zoo build {fam}"}
+             "path": str(found[f"{fam}/{m}"]) if f"{fam}/{m}" in found else None,
+             "build": info.get("build", f"unlearn zoo build {fam}")}
             for fam, info in FAMILIES.items() for m in info["models"]]
 
 

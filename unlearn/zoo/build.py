@@ -76,7 +76,11 @@ def spec_for(family: str) -> ZooBuildSpec:
     """The build spec of a zoo family (``tiny-llama`` or ``tiny-moe``)."""
     specs = {"tiny-llama": ZooBuildSpec, "tiny-moe": MoEZooBuildSpec}
     if family not in specs:
-        raise ValueError(f"no build spec for zoo family {family!r}; known: {', '.join(specs)}")
+        from unlearn.zoo import FAMILIES
+
+        how = FAMILIES.get(family, {}).get("build")
+        raise ValueError(f"no build spec for zoo family {family!r}; known: {', '.join(specs)}"
+                         + (f"; {family} is built with `{how}`" if how else ""))
     return specs[family]()
 
 
