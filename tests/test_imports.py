@@ -33,7 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # used when tomllib (Python >= 3.11) is missing; test_layout_matches_pyproject keeps it honest
 _LAYOUT = ({"unlearn": "unlearn", "unlearn.tasks": "tasks", "unlearn.evaluators": "evaluators"},
-           ["unlearn", "unlearn.adapters", "unlearn.editors", "unlearn.objectives", "unlearn.probes", "unlearn.zoo",
+           ["unlearn", "unlearn.accelerate_configs", "unlearn.adapters", "unlearn.editors", "unlearn.objectives", "unlearn.probes", "unlearn.zoo",
             "unlearn.tasks", "unlearn.evaluators"])
 
 
@@ -62,6 +62,8 @@ def package_modules() -> dict[str, Path]:
     for pkg in packages:
         d = _package_dir(pkg, package_dir)
         for f in sorted(d.glob("*.py")):
+            if f.stem == "__main__":  # entry points (`python -m ...`): running them on import is their job
+                continue
             mods[pkg if f.stem == "__init__" else f"{pkg}.{f.stem}"] = f
     return mods
 
