@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-
 from unlearn.evaluators import privacy as P
 from unlearn.evaluators.base import MetricResult, MetricSpec
 from unlearn.evaluators.harness import Metric, PassRequest, Suite
@@ -101,28 +99,11 @@ class Continue(PassRequest):
     def merge(self, other):
         return Continue(max(self.max_new_tokens, other.max_new_tokens))
 
-    @torch.no_grad()
     def run(self, adapter, items, batch_size):
-        tok, out = adapter.tokenizer, []
-        was_training = adapter.model.training
-        adapter.model.eval()
-        for s in range(0, len(items), batch_size):
-            chunk = [adapter.generation_prompt_ids(it["question"])
-                     + tok(" " + it["prefix"].strip(), add_special_tokens=False)["input_ids"]
-                     for it in items[s: s + batch_size]]
-            T = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), T), dtype=torch.long)
-            for i, c in enumerate(chunk):  # left padding
-                ids[i, T - len(c):] = torch.tensor(c)
-                attn[i, T - len(c):] = 1
-            gen = adapter.model.generate(input_ids=ids.to(adapter.device), attention_mask=attn.to(adapter.device),
-                                         max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += [t.strip() for t in tok.batch_decode(gen[:, T:], skip_special_tokens=True)]
-        if was_training:
-            adapter.model.train()
-        return out
+        tok = adapter.tokenizer
+        prompts = [adapter.generation_prompt_ids(it["question"])
+                   + tok(" " + it["prefix"].strip(), add_special_tokens=False)["input_ids"] for it in items]
+        return adapter.generate_from_ids(prompts, max_new_tokens=self.max_new_tokens, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -227,8 +208,14 @@ MUSE_KINDS = {"verbmem_forget": "verbmem", "knowmem_forget": "knowmem", "knowmem
               "privleak_forget": "privleak", "privleak_holdout": "privleak"}
 
 
+class ProbeRouge(RougeL):
+    """ROUGE-L recall on the forget and neighbour probes only (not on the utility splits)."""
+
+    kinds = ("forget", "retain")
+
+
 def rwku_suite(max_new_tokens: int = 30, fluency_tokens: int = 48) -> Suite:
-    return Suite("rwku", "1", [_Only(RougeL(max_new_tokens), ("forget", "retain")), MCAccuracy(),
+    return Suite("rwku", "1", [ProbeRouge(max_new_tokens), MCAccuracy(),
                                Fluency(fluency_tokens), *(MIAMean(a) for a in ("loss", "zlib", "min_k", "min_k_plus_plus"))],
                  description="RWKU-style: forget probes at three levels, neighbours, MIA, utility",
                  split_kinds=dict(RWKU_KINDS))
@@ -239,27 +226,6 @@ def muse_suite(max_new_tokens: int = 32, verbmem_tokens: int = 48) -> Suite:
                  multi=[MIA("min_k", forget="privleak_forget", holdout="privleak_holdout")],
                  aggregates=[PrivLeak()], description="MUSE-style: VerbMem, KnowMem, PrivLeak, utility",
                  split_kinds=dict(MUSE_KINDS))
-
-
-class _Only(Metric):
-    """``metric`` restricted to some split kinds."""
-
-    def __init__(self, metric: Metric, kinds: tuple[str, ...]) -> None:
-        self.m, self.kinds = metric, kinds
-        self.spec = metric.spec
-
-    @property
-    def name(self):
-        return self.m.name
-
-    def requests(self, split):
-        return self.m.requests(split)
-
-    def compute(self, store, split):
-        return self.m.compute(store, split)
-
-    def extras(self, store, split):
-        return self.m.extras(store, split)
 
 
 def metric_value(res: dict[str, Any], split: str, metric: str) -> float | None:

@@ -38,6 +38,7 @@ from unlearn.models import load_model
 from unlearn.runs import atomic_write_text
 from unlearn.task import Task
 from unlearn.tasks.tofu import add_idk
+from unlearn.tasks.tofu_task import load_retain_model
 from unlearn.tasks.passages_world import TOPICS, PassagesWorld, PassagesWorldConfig, build_world
 from unlearn.zoo import cache_dir
 
@@ -433,10 +434,7 @@ class MuseTask(_PassagesTask):
         super().prepare(data, model)
         t = self.recipe.task
         if t.retain_model:
-            self.retain_adapter = load_model(t.retain_model, "text", **self._adapter_kw())
-            if self.retain_adapter.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-                raise ValueError(f"task.retain_model {t.retain_model!r} uses a different tokenizer than model.source "
-                                 f"{self.recipe.model.source!r}; the retain model must share the target's tokenizer")
+            self.retain_adapter = load_retain_model(self.recipe, model, **self._adapter_kw())
             self.retain_res = self.evaluate(self.retain_adapter, "retain model")
 
     def summarize(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -186,10 +186,7 @@ class TofuTask(Task):
         self.warnings += too_long(model, data)
         t = self.recipe.task
         if t.retain_model:
-            self.retain_adapter = load_model(t.retain_model, "text", **self._adapter_kw())
-            if self.retain_adapter.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-                raise ValueError(f"task.retain_model {t.retain_model!r} uses a different tokenizer than model.source "
-                                 f"{self.recipe.model.source!r}; the retain model must share the target's tokenizer")
+            self.retain_adapter = load_retain_model(self.recipe, model, **self._adapter_kw())
             self.retain_res = tofu_suite.evaluate(self.retain_adapter, data.eval_splits, label="retain model", **self.ev)
 
     def evaluate(self, model, label: str, *, cache: bool = True) -> dict[str, Any]:
@@ -279,6 +276,16 @@ class TofuFilesTask(TofuTask):
 
 
 __all__ = ["TofuTask", "TofuFilesTask", "EVAL_SPLITS", "UTILITY_EVAL_SPLITS", "TOFU_FORGET_SPLITS", "complement"]
+
+
+def load_retain_model(recipe, model, **adapter_kw):
+    """``task.retain_model`` as a text adapter; an error when its tokenizer is not the target's."""
+    t = recipe.task
+    retain = load_model(t.retain_model, "text", **adapter_kw)
+    if retain.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+        raise ValueError(f"task.retain_model {t.retain_model!r} uses a different tokenizer than model.source "
+                         f"{recipe.model.source!r}; the retain model must share the target's tokenizer")
+    return retain
 
 
 def too_long(model, data) -> list[str]:

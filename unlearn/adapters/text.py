@@ -288,15 +288,20 @@ class TextAdapter(TextModel):
         return logp * mask, mask
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(self, questions: list[str], *, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
         """Greedy answers to questions (left padding), decoded without special tokens, stripped."""
+        return self.generate_from_ids([self.generation_prompt_ids(q) for q in questions],
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    @torch.no_grad()
+    def generate_from_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
+        """Greedy continuations of token-id prompts (left padding), decoded without special tokens, stripped."""
         tok = self.tokenizer
         out: list[str] = []
         was_training = self.model.training
         self.model.eval()
-        for s in range(0, len(questions), batch_size):
-            chunk = [self.generation_prompt_ids(q) for q in questions[s: s + batch_size]]
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s: s + batch_size]
             T = max(len(c) for c in chunk)
             ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
             attn = torch.zeros((len(chunk), T), dtype=torch.long)

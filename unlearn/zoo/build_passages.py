@@ -32,7 +32,7 @@ import torch
 from unlearn.adapters.text import TextAdapter
 from unlearn.tasks.passages_world import PassagesWorldConfig, build_world
 from unlearn.zoo import cache_dir
-from unlearn.zoo.build import _jsonable, _train, merge_part_records
+from unlearn.zoo.build import _train, merge_part_records, new_manifest
 from unlearn.zoo.models import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
 PARTS = ("tokenizer", "target", "retain")
@@ -85,14 +85,9 @@ def build_part(part: str, out_dir: str | Path, spec: PassagesBuildSpec | None = 
 
 
 def write_manifest(out_dir: str | Path, spec: PassagesBuildSpec | None = None) -> dict:
-    from dataclasses import asdict
-
     spec = spec or PassagesBuildSpec()
     out_dir = Path(out_dir)
-    world = build_world(spec.world)
-    manifest = {"family": spec.family, "spec": _jsonable(asdict(spec)), "world_fingerprint": world.fingerprint(),
-                "torch": torch.__version__, "models": {}, "log": [], "build_seconds": 0.0, "parts": {}}
-    manifest = merge_part_records(out_dir, PARTS, manifest, "zoo build: part")
+    manifest = merge_part_records(out_dir, PARTS, new_manifest(spec, build_world(spec.world)), "zoo build: part")
     import shutil
 
     shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)  # each model directory has its own copy
