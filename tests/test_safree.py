@@ -221,3 +221,86 @@ def test_editor_wraps_without_changing_weights(base, data):
         SAFREEAdapter(res.adapter, KEYWORDS)
     with pytest.raises(ValueError, match="safree.keywords"):
         SAFREEConfig(keywords="red")
+
+
+# ---------------------------------------------------------------------------- SDXL (two text encoders)
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from test_latent_pipelines import build_sdxl  # the tiny SDXL-shaped pipeline of the latent tests
+
+    from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.build_t2i import world_tokenizer
+
+    return build_sdxl(tmp_path_factory.mktemp("sdxl") / "pipe", world_tokenizer(build_visual_world(), 24))
+
+
+@torch.no_grad()
+def test_sdxl_projects_the_second_encoders_tokens_out_of_its_concept_subspace(sdxl_dir):
+    """SDXL: triggers from text_encoder_2's pooled projection; a trigger's text_encoder_2 columns
+    become (I − P_C) P_M e, computed here by hand from masked prompts; the text_encoder columns and
+    the pooled row are kept (the official SDXL pipeline); sdxl_encoders=both also projects those."""
+    base = load_model(str(sdxl_dir), "image")
+    d1 = base.text_encoder.config.hidden_size
+    cfg = SAFREEConfig(mask_token_id=1)  # 1 = <unk> in the word-level test tokenizer
+    g = SAFREEAdapter(base, KEYWORDS, cfg)
+    assert g.trigger_encoder == "text_encoder_2" and g.segments() == [("text_encoder_2", slice(d1, d1 + 32))]
+    f = g.filter(PROMPTS, steps=20)
+    trig, emb, out = f["triggers"], f["embeds"], f["filtered"]
+    assert emb.shape == out.shape == (3, 25, 48) and trig.shape == (3, 24) and trig.any()
+    assert torch.equal(out[:, :, :d1], emb[:, :, :d1]) and torch.equal(out[:, -1], emb[:, -1])
+    assert torch.equal(out[:, :24][~trig], emb[:, :24][~trig])
+    te2 = base.text_encoder_2
+    C = te2(input_ids=base._ids_2(base.tokenize(KEYWORDS))).text_embeds.double().T  # (32, K)
+    assert (out[:, :24][trig][:, d1:].double() @ C).abs().max() < 1e-4 * C.norm()
+    # by hand for the first trigger of prompt 0: P_M from text_encoder_2's pooled masked prompts
+    ids = base.tokenize(PROMPTS[:1])
+    n_words = int((ids[0] == base.tokenizer.eos_token_id).nonzero()[0]) - 1
+    masked = ids.repeat(n_words, 1)
+    masked[torch.arange(n_words), torch.arange(1, n_words + 1)] = 1
+    M = te2(input_ids=base._ids_2(masked)).text_embeds.double().T  # (32, n_words)
+    P_M = M @ torch.linalg.pinv(M.T @ M) @ M.T
+    P_C = C @ torch.linalg.pinv(C.T @ C) @ C.T
+    i = int(trig[0].nonzero()[0])
+    e = emb[0, i, d1:].double()
+    assert torch.allclose(out[0, i, d1:].double(), (torch.eye(32, dtype=torch.float64) - P_C) @ P_M @ e, atol=1e-5)
+    # both encoders: the same triggers; text_encoder's columns leave its own keyword subspace
+    both = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(mask_token_id=1, sdxl_encoders="both")).filter(PROMPTS, 20)
+    assert torch.equal(both["triggers"], trig) and torch.equal(both["filtered"][:, :, d1:], out[:, :, d1:])
+    C1 = base.text_encoder(input_ids=base.tokenize(KEYWORDS)).pooler_output.double().T  # (16, K)
+    rows = both["filtered"][:, :24][trig][:, :d1].double()
+    assert (rows @ C1).abs().max() < 1e-4 * C1.norm() and not torch.equal(rows, emb[:, :24][trig][:, :d1].double())
+    with pytest.raises(ValueError, match="safree.sdxl_encoders"):
+        SAFREEConfig(sdxl_encoders="first")
+
+
+def test_sdxl_guard_samples_and_leaves_untriggered_prompts_alone(sdxl_dir):
+    base = load_model(str(sdxl_dir), "image")
+    guard = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(mask_token_id=1, self_validation=False))
+    mixed = ["a striped red circle", "blue"]  # a one-word prompt has no trigger
+    out, ref = guard.sample(mixed, seed=5, steps=2), base.sample(mixed, seed=5, steps=2)
+    assert guard.last_filter[0]["trigger_words"] and not guard.last_filter[1]["trigger_words"]
+    assert np.array_equal(out[1], ref[1]) and not np.array_equal(out[0], ref[0])
+    f = guard.filter(mixed[:1], steps=2)
+    assert np.array_equal(out[:1], base.sample(mixed[:1], seed=5, steps=2, prompt_embeds=f["filtered"]))
+
+
+def test_sdxl_safree_recipe_end_to_end(sdxl_dir, tmp_path):
+    """recipes/i2p-tiny-safree.yaml on the tiny SDXL pipeline: the run's checkpoint is a guard
+    around the unchanged SDXL model, and the forget prompts are found to carry triggers."""
+    import unlearn
+    from test_latent_pipelines import _recipe
+
+    from unlearn.evaluators.image_judge import JudgeConfig, train_judge
+    from unlearn.tasks.visual_world import build_visual_world
+
+    judge, _ = train_judge(build_visual_world().split("train"), JudgeConfig(epochs=1))
+    judge.save(tmp_path / "judge")
+    r = _recipe(sdxl_dir, tmp_path / "judge", tmp_path / "run", "safree")
+    res = unlearn.run(r, progress=False)
+    metrics = json.loads((res.run_dir / "metrics.json").read_text())
+    assert metrics["summary"]["unlearned"]["erasure_explicit"] is not None
+    assert metrics["editor"]["splits"]["forget_explicit"]["triggered"] > 0
+    m = load_model(str(res.run_dir / "checkpoint"), "image")
+    assert isinstance(m, SAFREEAdapter) and m.is_sdxl and m.base.is_sdxl
+    assert m.base.fingerprint() == load_model(str(sdxl_dir), "image").fingerprint()
+    assert m.sample(["a red circle"], steps=2).shape == (1, 16, 16, 3)

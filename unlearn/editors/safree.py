@@ -23,6 +23,15 @@ UNet's condition):
    (``k = 2.5``, ``t₀ = 5.333``, official non-artist constants), the original one afterwards.
    ``up_t`` = ``max_filtered_fraction`` × steps (official: 10 of 50 steps).
 
+**SDXL** (two text encoders, the cross-attention input is ``[h₁ ; h₂]`` of widths ``d₁ + d₂``, plus
+the pooled condition): as the official SDXL pipeline
+(``models/modified_stable_diffusion_xl_pipeline.py``), ``C``, ``p_{\\i}`` and the trigger test use
+``text_encoder_2``'s pooled projection (``text_embeds``; its width must equal ``d₂``, as SDXL's
+1280 / 1280), and only the ``h₂`` columns of trigger tokens are projected; ``h₁`` and the pooled
+condition are kept. ``sdxl_encoders: both`` (an extension) also projects the ``h₁`` columns with
+``text_encoder``'s own subspaces (its pooled output for the keywords and the masked prompts); the
+trigger tokens stay those of ``text_encoder_2``. β is measured on the projected columns.
+
 Deviations from the official code (see ``docs/editors/safree.md``): the Fourier-domain latent
 re-attention (``-lra``) is left out; the keywords are not also passed as the negative prompt
 (the official script does, which changes the unconditional branch of every prompt); ``up_t`` is
@@ -52,6 +61,7 @@ from unlearn.tasks.visual_world import _SYNONYMS
 PAPER = ("Yoon, Yu, Patil, Bansal, Chen (2024). SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image "
          "and Video Generation. arXiv:2410.12761")
 BASE_DIR = "base"
+SDXL_ENCODERS = ("text_encoder_2", "both")
 
 
 @dataclass
@@ -74,6 +84,10 @@ class SAFREEConfig(EditorConfig):
     filter_following: bool = field(default=False, metadata={
         "help": "also project every position after a prompt's first trigger (EOS, padding): a causal text encoder "
                 "carries the concept into them; false = the paper's filter (trigger tokens only). An extension"})
+    sdxl_encoders: str = field(default="text_encoder_2", metadata={
+        "help": "SDXL only: which text encoders' token embeddings trigger tokens are projected in: text_encoder_2 "
+                "(the official SDXL code: the OpenCLIP half, subspaces from its pooled projection) or both (an "
+                "extension: also the CLIP-L half, with text_encoder's own subspaces)"})
     mask_token_id: int = field(default=0, metadata={
         "help": "token id that replaces a token when measuring its effect (official: 0, '!' in CLIP's vocabulary; "
                 "'<pad>' in the tiny zoo's)"})
@@ -89,6 +103,8 @@ class SAFREEConfig(EditorConfig):
             raise ValueError(f"safree.alpha={self.alpha}: must be >= 0")
         if not 0.0 <= self.max_filtered_fraction <= 1.0:
             raise ValueError(f"safree.max_filtered_fraction={self.max_filtered_fraction}: must be in [0, 1]")
+        if self.sdxl_encoders not in SDXL_ENCODERS:
+            raise ValueError(f"safree.sdxl_encoders={self.sdxl_encoders!r}: one of {', '.join(SDXL_ENCODERS)}")
         if self.mask_token_id < 0:
             raise ValueError(f"safree.mask_token_id={self.mask_token_id}: must be a token id (>= 0)")
 
@@ -188,8 +204,11 @@ class SAFREEAdapter(ImageAdapter):
         if not keywords:
             raise ValueError("SAFREE needs at least one keyword to span the concept subspace")
         if getattr(base, "is_sdxl", False):
-            raise ValueError("SAFREE here works on single-text-encoder models (SD 1.x / 2.x and the tiny zoo); an "
-                             "SDXL pipeline's two encoders and pooled embedding are not filtered yet")
+            te2 = base.text_encoder_2.config
+            if te2.projection_dim != te2.hidden_size:
+                raise ValueError(f"SAFREE on SDXL measures text_encoder_2's token embeddings (width {te2.hidden_size}) "
+                                 f"against its pooled projection (width {te2.projection_dim}); they must be equal "
+                                 "(SDXL base: 1280 and 1280)")
         super().__init__(base.unet, base.text_encoder, base.tokenizer, base.scheduler, **base.parts(),
                          timesteps_per_item=base.timesteps_per_item, source=base.source)
         self.base = base
@@ -200,15 +219,38 @@ class SAFREEAdapter(ImageAdapter):
         self._switch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- filtering
-    @torch.no_grad()
-    def _pooled(self, input_ids: torch.Tensor, model=None) -> torch.Tensor:
-        m = model if model is not None else self.model
-        return m["text_encoder"](input_ids=input_ids.to(self.device)).pooler_output  # (N, d)
+    @property
+    def trigger_encoder(self) -> str:
+        """The text encoder whose pooled embeddings find trigger tokens: ``text_encoder``, or
+        ``text_encoder_2`` on SDXL (as the official SDXL pipeline)."""
+        return "text_encoder_2" if self.is_sdxl else "text_encoder"
+
+    def segments(self) -> list[tuple[str, slice]]:
+        """``[(encoder, columns)]``: which columns of the cross-attention input are projected, and
+        with which encoder's subspaces. SD 1.x / 2.x: all ``d`` with ``text_encoder``; SDXL: the
+        ``text_encoder_2`` columns ``d₁:d₁+d₂`` (``sdxl_encoders: both``: also ``text_encoder``'s ``0:d₁``)."""
+        d1 = self.text_encoder.config.hidden_size
+        if not self.is_sdxl:
+            return [("text_encoder", slice(0, d1))]
+        second = ("text_encoder_2", slice(d1, d1 + self.text_encoder_2.config.hidden_size))
+        return [("text_encoder", slice(0, d1)), second] if self.config.sdxl_encoders == "both" else [second]
 
     @torch.no_grad()
-    def concept_basis(self, model=None) -> torch.Tensor:
-        """``C`` ``(d, K)``: pooled embeddings of the keywords, one column each."""
-        return self._pooled(self.tokenize(self.keywords), model).T
+    def _pooled(self, input_ids: torch.Tensor, model=None, encoder: str | None = None) -> torch.Tensor:
+        """``(N, w)`` pooled embeddings of ``input_ids`` (``tokenizer``'s ids): ``text_encoder``'s
+        ``pooler_output``, or ``text_encoder_2``'s ``text_embeds`` (SDXL, ids mapped to ``tokenizer_2``'s)."""
+        m = model if model is not None else self.model
+        enc = encoder or self.trigger_encoder
+        ids = input_ids.to(self.device)
+        if enc == "text_encoder_2":
+            return m["text_encoder_2"](input_ids=self._ids_2(ids)).text_embeds
+        return m["text_encoder"](input_ids=ids).pooler_output
+
+    @torch.no_grad()
+    def concept_basis(self, model=None, encoder: str | None = None) -> torch.Tensor:
+        """``C`` ``(w, K)``: pooled embeddings of the keywords (by ``encoder``, default
+        :attr:`trigger_encoder`), one column each."""
+        return self._pooled(self.tokenize(self.keywords), model, encoder).T
 
     def word_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` bool: positions strictly between BOS (position 0) and the first EOS."""
@@ -223,39 +265,59 @@ class SAFREEAdapter(ImageAdapter):
     def filter(self, prompts: list[str], steps: int, prompt_embeds: torch.Tensor | None = None, model=None) -> dict:
         """SAFREE's filtering of ``prompts`` (no sampling).
 
-        Returns ``{"embeds": (B, T, d) original condition, "filtered": (B, T, d), "triggers":
-        (B, T) bool, "beta": (B,), "n_steps": (B,) long}``; ``n_steps`` = how many of the first
-        ``steps`` denoising steps use ``filtered`` (0 for a prompt without triggers).
+        Returns ``{"embeds": (B, R, d) original condition, "filtered": (B, R, d), "triggers":
+        (B, T) bool, "beta": (B,), "n_steps": (B,) long}`` (``R = T``, SDXL ``T + 1``: the pooled
+        row, never changed); ``n_steps`` = how many of the first ``steps`` denoising steps use
+        ``filtered`` (0 for a prompt without triggers).
         """
         cfg = self.config
         ids = self.tokenize(prompts)  # (B, T)
-        emb = prompt_embeds if prompt_embeds is not None else self.encode_prompts(ids, model)  # (B, T, d)
-        if emb.shape[:2] != ids.shape:
-            raise ValueError(f"prompt_embeds {tuple(emb.shape)} does not match the {tuple(ids.shape)} token ids of "
-                             "the prompts")
+        emb = prompt_embeds if prompt_embeds is not None else self.encode_prompts(ids, model)  # (B, R, d)
         b, t = ids.shape
-        d = emb.shape[-1]
-        p_c = concept_projection(self.concept_basis(model))  # (d, d)
+        rows = t + (1 if self.is_sdxl else 0)
+        if emb.shape[:2] != (b, rows):
+            raise ValueError(f"prompt_embeds {tuple(emb.shape)} does not match the {tuple(ids.shape)} token ids of "
+                             f"the prompts (expected {b} x {rows} rows, as encode_prompts gives)")
+        tok = emb[:, :t]  # (B, T, d): the cross-attention input per token
         cand = self.word_positions(ids)  # (B, T)
         bi, ti = cand.nonzero(as_tuple=True)
-        masked_pooled = torch.zeros(b, t, d, dtype=torch.float64, device=emb.device)  # p_{\i}
-        if len(bi):
-            masked = ids[bi].clone()  # (N, T): one copy per candidate token, that token masked
-            masked[torch.arange(len(bi)), ti] = cfg.mask_token_id
-            masked_pooled[bi, ti] = self._pooled(masked, model).to(torch.float64)
-        triggers = trigger_tokens(masked_pooled, cand, p_c, cfg.alpha)  # (B, T)
+        masked = ids[bi].clone()  # (N, T): one copy per candidate token, that token masked
+        masked[torch.arange(len(bi)), ti] = cfg.mask_token_id
+
+        def masked_pooled(encoder: str) -> torch.Tensor:
+            """``(B, T, w)``: row ``[b, i]`` = pooled embedding of prompt b with token i masked (p_{\\i})."""
+            m = model if model is not None else self.model
+            w = m[encoder].config.projection_dim if encoder == "text_encoder_2" else m[encoder].config.hidden_size
+            out = torch.zeros(b, t, w, dtype=torch.float64, device=emb.device)
+            if len(bi):
+                out[bi, ti] = self._pooled(masked, model, encoder).to(out.device, torch.float64)
+            return out
+
+        trig_pooled = masked_pooled(self.trigger_encoder)
+        p_c = concept_projection(self.concept_basis(model))  # (w, w)
+        triggers = trigger_tokens(trig_pooled, cand, p_c, cfg.alpha)  # (B, T)
         if cfg.filter_following:  # extension: the trigger and every later position
             triggers = triggers.cumsum(-1) > 0
-        p_m = torch.stack([concept_projection(masked_pooled[i, cand[i]].T) if cand[i].any()
-                           else torch.eye(d, dtype=torch.float64, device=emb.device) for i in range(b)])  # (B, d, d)
-        proj = _filtered(emb, p_c, p_m)  # (B, T, d) float64
-        filtered = torch.where(triggers.to(emb.device)[..., None], proj.to(emb.dtype), emb)
+        proj = tok.to(torch.float64).clone()  # (B, T, d): (I − P_C) P_M e on the filtered columns
+        cols = torch.zeros(emb.shape[-1], dtype=torch.bool)
+        for encoder, sl in self.segments():
+            mp = trig_pooled if encoder == self.trigger_encoder else masked_pooled(encoder)  # (B, T, w)
+            w = mp.shape[-1]  # == sl.stop - sl.start (checked for SDXL's text_encoder_2 in __init__)
+            pc = p_c if encoder == self.trigger_encoder else concept_projection(self.concept_basis(model, encoder))
+            eye = torch.eye(w, dtype=torch.float64, device=emb.device)
+            p_m = torch.stack([concept_projection(mp[i, cand[i]].T) if cand[i].any() else eye
+                               for i in range(b)])  # (B, w, w)
+            proj[..., sl] = _filtered(tok[..., sl], pc, p_m)
+            cols[sl] = True
+        filtered = torch.where(triggers.to(emb.device)[..., None], proj.to(emb.dtype), tok)  # (B, T, d)
+        filtered = torch.cat([filtered, emb[:, t:]], dim=1)  # SDXL: the pooled row as it was
         active = cand.clone()
         active[:, 0] = True  # BOS
         for i, row in enumerate(ids.tolist()):  # and the first EOS
             if self.tokenizer.eos_token_id in row:
                 active[i, row.index(self.tokenizer.eos_token_id)] = True
-        cos = torch.nn.functional.cosine_similarity(proj, emb.to(torch.float64), dim=-1)  # (B, T)
+        c = cols.to(emb.device)
+        cos = torch.nn.functional.cosine_similarity(proj[..., c], tok[..., c].to(torch.float64), dim=-1)  # (B, T)
         act = active.to(emb.device)
         beta = 1.0 - (cos * act).sum(-1) / act.sum(-1)  # (B,)
         up_t = cfg.max_filtered_fraction * steps
