@@ -100,6 +100,12 @@ def _zoo(args) -> int:
         m = build_t2i_zoo(out)
         print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
         return 0
+    if args.family == "tiny-latent-t2i":
+        from unlearn.zoo.build_latent_t2i import build_latent_t2i_zoo
+
+        m = build_latent_t2i_zoo(out, threads=args.threads)
+        print(json.dumps({"out": out, "build_seconds": m["build_seconds"], "models": m["models"]}, indent=1))
+        return 0
     torch.set_num_threads(args.threads)
     if args.family == "tiny-reader":
         # lazy: the zoo builders load only for `zoo build`, not for --help, `run` or `zoo list`

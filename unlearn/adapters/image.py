@@ -551,7 +551,8 @@ class ImageAdapter(ImageModel):
 
         Differentiable when called in training mode with grad enabled.
         """
-        x0 = self.encode_images(batch["pixel_values"])  # (B, C, h, w): pixels or latents
+        x0 = batch.get("latents")  # precomputed encode_images(pixel_values) (the zoo build caches them)
+        x0 = self.encode_images(batch["pixel_values"]) if x0 is None else x0.to(self.device)  # (B, C, h, w)
         noise, ts = batch["noise"].to(self.device), batch["timesteps"].to(self.device)  # (B, K, C, h, w), (B, K)
         b, k = ts.shape
         cond = self.encode_prompts(batch["input_ids"], model)  # (B, T, d)
@@ -644,3 +645,5 @@ class ImageAdapter(ImageModel):
                 if re.search(pat, name):
                     groups[g].append(name)
         return groups
+        ``batch["latents"]`` ``(B, C, h, w)``, when present, stands for ``encode_images(pixel_values)``
+        (a caller that sees the same images many times may encode them once).

@@ -43,6 +43,12 @@ FAMILIES = {
                        "world (16x16 images), and the judge CNN that scores its generations.",
         "models": ["target", "judge"],
     },
+    "tiny-latent-t2i": {
+        "description": "text-to-image, latent: Stable Diffusion's layout at toy size (a KL-VAE with factor 2, a UNet "
+                       "on 8x8x4 latents, CLIP text encoder; saved as a diffusers pipeline directory) on the same "
+                       "visual world, and its judge.",
+        "models": ["target", "judge"],
+    },
 }
 
 # a directory holds a zoo model when one of these files is in it

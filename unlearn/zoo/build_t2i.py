@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unlearn.adapters.image import ImageAdapter
+from unlearn.adapters.image import ImageAdapter, images_to_tensor
 from unlearn.evaluators.image_judge import ImageJudge, JudgeConfig, judge_accuracy, train_judge
 from unlearn.tasks.visual_world import ATTRIBUTES, VisualWorld, VisualWorldConfig, build_visual_world
 from unlearn.zoo.image_models import TinyT2ISpec, build_caption_tokenizer, build_tiny_t2i
@@ -101,8 +101,13 @@ def _lr_at(step: int, spec: T2IBuildSpec) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, continue_from: str | Path | None = None) -> dict:
+def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, continue_from: str | Path | None = None,
+                     vae=None, extra_manifest: dict | None = None) -> dict:
     """Train ``judge`` and ``target`` into ``out_dir``; returns (and writes) ``manifest.json``.
+
+    ``vae``: a trained ``AutoencoderKL`` (frozen): the target is then a latent model (its UNet
+    denoises the VAE's latents; saved as a diffusers pipeline directory). ``extra_manifest`` is
+    merged into the manifest (e.g. the VAE's build record).
 
     ``continue_from``: a finished build directory; its judge is reused and its target's weights
     are trained for ``spec.steps`` more steps (a new warm-up + cosine stage; the EMA restarts from
@@ -136,21 +141,24 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, cont
         tok = adapter.tokenizer
     else:
         tok = world_tokenizer(world, spec.model.max_length)
-        unet, te, sched = build_tiny_t2i(spec.model, tok, spec.seed)
-        adapter = ImageAdapter(unet, te, tok, sched, source=f"zoo:{spec.family}/target")
+        unet, te, sched = build_tiny_t2i(spec.model, tok, spec.seed, vae=vae)
+        adapter = ImageAdapter(unet, te, tok, sched, vae=vae, source=f"zoo:{spec.family}/target")
     ema_model = copy.deepcopy(adapter.model).eval()
     for p in ema_model.parameters():
         p.requires_grad_(False)
-    ema = ImageAdapter(ema_model["unet"], ema_model["text_encoder"], tok, adapter.scheduler)
+    ema = ImageAdapter(ema_model["unet"], ema_model["text_encoder"], tok, adapter.scheduler, **adapter.parts())
     opt = torch.optim.AdamW(adapter.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     rng = random.Random(spec.seed + 1000 * len(spec.stages))
     order: list[int] = []
     rows = [r for r in world.prompt_table(kind="explicit")][::spec.world.prompts_per_combination]  # 1 per combo
     log: list[dict] = []
+    # a latent model sees the same renders every epoch: encode them once (VAE mean, frozen VAE)
+    latents = (torch.cat([adapter.encode_images(images_to_tensor([it["image"] for it in train[i: i + 128]]))
+                          for i in range(0, len(train), 128)]) if adapter.is_latent else None)  # (N, C, h, w)
     adapter.model.train()
     run_loss, t_train = 0.0, time.time()
     n_steps = spec.stop_at or spec.steps
-    for step in tqdm(range(n_steps), desc="tiny-t2i target", mininterval=10):
+    for step in tqdm(range(n_steps), desc=f"{spec.family} target", mininterval=10):
         idx = []
         while len(idx) < spec.batch_size:
             if not order:
@@ -162,6 +170,8 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, cont
             if rng.random() < spec.uncond_prob:
                 it["caption"] = ""
         batch = adapter.collate(batch_items, indices=idx, seed=step + 1_000_000 * len(spec.stages))
+        if latents is not None:
+            batch["latents"] = latents[idx]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = adapter.item_loss(batch)[0].mean()
@@ -200,6 +210,7 @@ def build_t2i_family(out_dir: str | Path, spec: T2IBuildSpec | None = None, cont
                               "text_encoder_parameters": sum(p.numel() for p in ema.text_encoder.parameters())}},
         "log": log, "build_seconds": round(time.time() - t0 + sum(st["build_seconds"] for st in spec.stages), 1),
         "torch": torch.__version__,
+        **(extra_manifest or {}),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

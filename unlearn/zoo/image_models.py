@@ -74,8 +74,12 @@ def build_caption_tokenizer(texts: list[str], max_length: int = 24):
     return tok
 
 
-def build_tiny_t2i(spec: TinyT2ISpec, tokenizer, seed: int):
-    """Freshly initialised ``(unet, text_encoder, scheduler)`` for ``tokenizer`` (deterministic from seed)."""
+def build_tiny_t2i(spec: TinyT2ISpec, tokenizer, seed: int, vae=None):
+    """Freshly initialised ``(unet, text_encoder, scheduler)`` for ``tokenizer`` (deterministic from seed).
+
+    With ``vae`` (a diffusers ``AutoencoderKL``) the UNet is a latent one: it denoises the VAE's
+    ``latent_channels`` x ``image_size / factor`` x ``image_size / factor`` latents (factor
+    ``2 ** (len(vae.block_out_channels) - 1)``), as Stable Diffusion's does."""
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -89,8 +93,15 @@ def build_tiny_t2i(spec: TinyT2ISpec, tokenizer, seed: int):
     )
     text_encoder = CLIPTextModel(tcfg)
     n = len(spec.block_out_channels)
+    channels, size = 3, spec.image_size
+    if vae is not None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if spec.image_size % (factor * 2 ** (n - 1)):
+            raise ValueError(f"image_size={spec.image_size} / the VAE's factor {factor} must be divisible by "
+                             f"2^(len(block_out_channels)-1) = {2 ** (n - 1)}")
+        channels, size = int(vae.config.latent_channels), spec.image_size // factor
     unet = UNet2DConditionModel(
-        sample_size=spec.image_size, in_channels=3, out_channels=3, layers_per_block=spec.layers_per_block,
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=spec.layers_per_block,
         block_out_channels=spec.block_out_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
