@@ -27,6 +27,7 @@ from unlearn.evaluators import cache as eval_cache
 from unlearn.evaluators.harness import evaluate as harness_evaluate
 from unlearn.evaluators.image_judge import ImageJudge
 from unlearn.evaluators.image_suite import I2P_SUITE_VERSION, i2p_suite, reference_renders
+from unlearn.evaluators.real_judges import REAL_JUDGES, load_real_judge
 from unlearn.models import load_model
 from unlearn.report import fmt
 from unlearn.task import Task
@@ -46,9 +47,13 @@ def load_judge(source: str):
     * ``module.path:factory``: ``factory()`` from an importable module, returning any object with
       ``predict(images) -> {attribute: [value, ...]}`` and ``features(images) -> (N, F) array``
       (images uint8 ``(N, H, W, 3)``) -- the slot for real judges (e.g. a NudeNet or ResNet-50
-      wrapper); the erase concepts are then ``attribute:value`` pairs of that judge.
+      wrapper); the erase concepts are then ``attribute:value`` pairs of that judge;
+    * ``nudenet:FILE.onnx``, ``q16:CLIP_DIR``, ``clip:CLIP_DIR`` with ``?key=value&...`` options: the
+      real judges of :mod:`unlearn.evaluators.real_judges`, loaded from local files (``docs/judges.md``).
     """
     mod, sep, fn = source.partition(":")
+    if sep and mod in REAL_JUDGES:
+        return load_real_judge(source)
     if sep and mod != "zoo" and not Path(source).expanduser().exists() and mod.replace(".", "").replace("_", "").isalnum():
         try:
             factory = getattr(importlib.import_module(mod), fn)
