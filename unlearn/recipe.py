@@ -72,7 +72,8 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 class ModelSpec:
     """The model to unlearn: a zoo name, a local directory or a hub id."""
 
-    source: str = _opt("zoo:tiny-llama/target", help="zoo:<family>/<name>, a local directory, or a hub id")
+    source: str = _opt("zoo:tiny-llama/target", help="zoo:<family>/<name>, a local directory, a hub id, or (image) a "
+                       "single-file Stable Diffusion checkpoint (*.safetensors next to its pipeline's configs)")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype while training")
     threads: int = _opt(1, help="torch CPU threads")
     device: Literal["auto", "cpu"] = _opt("auto", help="where training runs: auto: the GPU accelerate gives this process "
@@ -83,6 +84,9 @@ class ModelSpec:
             raise invalid("source", "is empty; give zoo:<family>/<name>, a directory or a hub id")
         if self.source.startswith("zoo:") and not _ZOO.match(self.source):
             raise invalid("source", f"is {self.source!r}; a zoo name looks like zoo:<family>/<name>, e.g. zoo:tiny-llama/target")
+        if self.source.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
+            raise invalid("source", f"is {self.source!r}, a pickled checkpoint, which is never unpickled here; convert it "
+                                    "to .safetensors (or use the model's .safetensors release) and point at that file")
         cpus = os.cpu_count() or 1
         if not 1 <= self.threads <= cpus:
             raise invalid("threads", f"must be in [1, {cpus}] (the CPUs of this machine), got {self.threads}")

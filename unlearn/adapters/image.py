@@ -30,6 +30,11 @@ in latent space), the denoising loss is taken on ``z``, and samples are decoded 
 ``vae.decode(z / scaling_factor + shift)``. The loss target follows the scheduler's
 ``prediction_type``: ``epsilon`` (ε), ``v_prediction`` (the velocity, the scheduler's
 ``get_velocity``; SD 2.x 768) or ``sample`` (x0).
+
+Single-file checkpoints (one ``*.safetensors`` in the original CompVis / SGM layout, e.g.
+``v1-5-pruned-emaonly.safetensors``, ``sd_xl_base_1.0.safetensors``) load offline through
+diffusers' ``from_single_file`` with the configs and tokenizer(s) of a pipeline directory of the
+same model (by default the file's own directory); pickled ``.ckpt`` files are refused.
 """
 
 from __future__ import annotations
@@ -56,6 +61,42 @@ PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 _TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SINGLE_FILE_SUFFIXES = (".safetensors",)  # single-file checkpoints (original CompVis / SGM layout)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # refused: never unpickled
+
+
+def _single_file_kind(file: Path, source: str) -> tuple[str, dict[str, int]]:
+    """``("sd1" | "sd2" | "sdxl", shapes)`` of an original-layout single-file checkpoint, from its
+    key names (CLIP-L ``cond_stage_model.transformer.*``: SD 1.x; OpenCLIP
+    ``cond_stage_model.model.*``: SD 2.x; ``conditioner.embedders.1.model.*``: SDXL base); shapes:
+    the UNet's ``cross_attention_dim`` and ``in_channels`` read from the tensors' headers."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+            kv = sorted(k for k in names if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight"))
+            shapes = {"cross_attention_dim": f.get_slice(kv[0]).get_shape()[1] if kv else None,
+                      "in_channels": (f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[1]
+                                      if "model.diffusion_model.input_blocks.0.0.weight" in names else None)}
+    except Exception as e:  # noqa: BLE001 -- not a safetensors file, truncated header
+        raise ValueError(f"could not read the single-file checkpoint {source!r}: {first_line(e)}; the file is not a "
+                         "safetensors file or is truncated -- download or convert it again") from None
+    if not any(k.startswith("model.diffusion_model.") for k in names):
+        raise ValueError(f"{source!r} has no model.diffusion_model.* tensors: it is not a Stable Diffusion checkpoint "
+                         "in the original single-file layout (a diffusers-layout or UNet-only file? load its pipeline "
+                         "directory instead)")
+    if any(k.startswith("conditioner.embedders.1.model.") for k in names):
+        return "sdxl", shapes
+    if any(k.startswith("conditioner.embedders.0.model.") for k in names):
+        raise ValueError(f"{source!r} is an SDXL refiner checkpoint (one OpenCLIP encoder): only base pipelines are "
+                         "supported")
+    if any(k.startswith("cond_stage_model.model.") for k in names):
+        return "sd2", shapes
+    if any(k.startswith("cond_stage_model.transformer.") for k in names):
+        return "sd1", shapes
+    raise ValueError(f"{source!r} has no text encoder (cond_stage_model.* or conditioner.embedders.*): a single-file "
+                     "checkpoint here must hold the whole pipeline (UNet, VAE, text encoder(s))")
 
 
 def _item_seed(seed: int, item: dict) -> int:
@@ -277,22 +318,32 @@ class ImageAdapter(ImageModel):
     def load(cls, source: str, dtype: str = "float32", **kwargs) -> "ImageAdapter":
         """Load a directory written by :meth:`save`, a diffusers pipeline directory
         (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/``; SDXL also ``text_encoder_2/``, ``tokenizer_2/``), or a ``zoo:`` name. Weights
-        are read from safetensors files only. A wrapped model's directory (``wrapper.json``, e.g.
-        SAFREE) raises ValueError: load it with ``unlearn.models.load_model(source, "image")``.
+        ``scheduler/``; SDXL also ``text_encoder_2/``, ``tokenizer_2/``), a single-file Stable
+        Diffusion checkpoint (``*.safetensors`` in the original CompVis / SGM layout, see
+        :meth:`_load_single_file`), or a ``zoo:`` name. Weights are read from safetensors files
+        only. A wrapped model's directory (``wrapper.json``, e.g. SAFREE) raises ValueError: load it
+        with ``unlearn.models.load_model(source, "image")``.
 
         Args:
             dtype: ``"float32"`` (default; the only one tested, and the one to use on a CPU),
                 ``"float16"`` or ``"bfloat16"`` (GPU).
+            config: single-file checkpoints only: the pipeline directory whose configs and
+                tokenizer(s) describe the checkpoint; default: the checkpoint's own directory.
         """
         if not isinstance(source, str) or not source:
             raise ValueError(f"model source must be a non-empty string, got {source!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: one of {', '.join(DTYPES)}")
+        config = kwargs.pop("config", None)
         if source.startswith("zoo:"):
             where = Path(zoo_path(source[4:]))
         else:
             where = Path(source).expanduser()
+        if where.is_file() or (not where.exists() and where.suffix.lower() in SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES):
+            return cls._load_single_file(where, source, DTYPES[dtype], config, **kwargs)
+        if config is not None:
+            raise ValueError(f"config={config!r} is for single-file checkpoints, but {source!r} is not a file: a "
+                             "pipeline directory carries its own configs -- drop config")
         if (where / WRAPPER_FILE).is_file():
             raise ValueError(f"{source!r} holds a wrapped model ({WRAPPER_FILE}), which ImageAdapter.load does not "
                              f"rebuild; load it with unlearn.models.load_model({source!r}, \"image\")")
@@ -368,6 +419,82 @@ class ImageAdapter(ImageModel):
         unet.eval()
         te.eval()
         return cls(unet, te, tok, sched, vae=vae, text_encoder_2=te2, tokenizer_2=tok2, pipeline_scheduler=pipe_sched,
+                   pipeline_index=index, source=source, **kwargs)
+
+    @classmethod
+    def _load_single_file(cls, file: Path, source: str, dtype: torch.dtype, config: str | None,
+                          **kwargs) -> "ImageAdapter":
+        """A single-file Stable Diffusion checkpoint -> a latent :class:`ImageAdapter`, offline.
+
+        ``file`` is one ``*.safetensors`` file in the original layout (``model.diffusion_model.*``,
+        ``first_stage_model.*`` and ``cond_stage_model.transformer.*`` (SD 1.x, CLIP-L) /
+        ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP) / ``conditioner.embedders.{0,1}.*``
+        (SDXL base)). Such a file has weights only: the architecture, tokenizer(s) and scheduler
+        come from ``config``, a diffusers pipeline directory of the same model (``model_index.json``,
+        ``unet/config.json``, ``vae/config.json``, ``text_encoder/config.json``, ``tokenizer/``,
+        ``scheduler/scheduler_config.json``; SDXL also ``text_encoder_2/config.json``,
+        ``tokenizer_2/``; weight files there are not read), by default the file's own directory
+        (the layout of the official model repositories, whose single file sits next to
+        ``model_index.json``). diffusers' ``from_single_file(file, config=..., local_files_only=True)``
+        converts the weights; an original ``.yaml`` config alone is not enough offline (the
+        tokenizer is in neither file). Pickled checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)
+        are refused: they are never unpickled here.
+        """
+        suffix = file.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{source!r} is a pickled checkpoint ({suffix}); pickles are never loaded here (loading "
+                             "one runs code from the file). Convert it to safetensors once, on a machine you trust "
+                             "(e.g. safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], "
+                             "'model.safetensors')), or download the model's .safetensors release")
+        if suffix not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"{source!r} is a file but not a .safetensors checkpoint; give a single-file Stable "
+                             "Diffusion checkpoint (*.safetensors) or a model directory")
+        if not file.is_file():
+            raise ValueError(f"single-file checkpoint {source!r} does not exist")
+        conf = Path(config).expanduser() if config is not None else file.parent
+        if not (conf / PIPELINE_FILE).is_file():
+            how = f"config={config!r}" if config is not None else f"the checkpoint's directory {conf}"
+            raise ValueError(f"single-file checkpoint {source!r}: {how} has no {PIPELINE_FILE}. A single file holds "
+                             "weights only; put it next to the configs of its pipeline (model_index.json, unet/, vae/, "
+                             "text_encoder/, tokenizer/, scheduler/ and, for SDXL, text_encoder_2/, tokenizer_2/: "
+                             "the model repository without its weight files), or pass config=<that directory>")
+        kind, keys = _single_file_kind(file, source)
+        try:
+            index = json.loads((conf / PIPELINE_FILE).read_text())
+            unet_cfg = json.loads((conf / "unet" / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"could not read the pipeline configs in {conf}: {first_line(e)}; it needs "
+                             f"{PIPELINE_FILE} and unet/config.json") from None
+        sdxl_conf = "text_encoder_2" in index and bool(index["text_encoder_2"][0])
+        if (kind == "sdxl") != sdxl_conf:
+            raise ValueError(f"{source!r} is an {'SDXL' if kind == 'sdxl' else 'SD 1.x/2.x'} checkpoint but the "
+                             f"configs in {conf} are for {'SDXL' if sdxl_conf else 'SD 1.x/2.x'}: give the configs "
+                             "of the checkpoint's own model")
+        width = keys.get("cross_attention_dim")
+        if width is not None and width != unet_cfg.get("cross_attention_dim"):
+            raise ValueError(f"{source!r} has cross-attention width {width} but {conf / 'unet' / 'config.json'} "
+                             f"says {unet_cfg.get('cross_attention_dim')} (SD 1.x: 768, SD 2.x: 1024, SDXL: 2048): "
+                             "the configs belong to another model")
+        if keys.get("in_channels") is not None and keys["in_channels"] != unet_cfg.get("in_channels"):
+            raise ValueError(f"{source!r}'s UNet takes {keys['in_channels']} input channels but {conf / 'unet'} "
+                             f"says {unet_cfg.get('in_channels')} (an inpainting checkpoint is not supported)")
+        import diffusers
+        from diffusers import DDPMScheduler
+
+        loader = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
+        try:
+            pipe = loader.from_single_file(str(file), config=str(conf), local_files_only=True, torch_dtype=dtype,
+                                           safety_checker=None, feature_extractor=None)
+        except Exception as e:  # noqa: BLE001 -- diffusers' conversion errors, named with the file
+            raise ValueError(f"diffusers could not load the single-file checkpoint {source!r} with the configs in "
+                             f"{conf}: {first_line(e)}") from None
+        pipe_sched = pipe.scheduler
+        te2 = getattr(pipe, "text_encoder_2", None) if kind == "sdxl" else None
+        tok2 = getattr(pipe, "tokenizer_2", None) if kind == "sdxl" else None
+        for m in (pipe.unet, pipe.text_encoder) + ((te2,) if te2 is not None else ()):
+            m.eval()
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe_sched.config),
+                   vae=pipe.vae, text_encoder_2=te2, tokenizer_2=tok2, pipeline_scheduler=pipe_sched,
                    pipeline_index=index, source=source, **kwargs)
 
     def reference(self) -> "ImageAdapter":
@@ -548,6 +675,8 @@ class ImageAdapter(ImageModel):
     def item_loss(self, batch: dict[str, Any], model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-item denoising loss: ``(Σ_k mean (out_θ(x_{t_k}, c, t_k) − target_k)², K)``, both ``(B,)``;
         ``target`` = :meth:`loss_target` (ε for epsilon models), the mean is over pixels or latents.
+        ``batch["latents"]`` ``(B, C, h, w)``, when present, stands for ``encode_images(pixel_values)``
+        (a caller that sees the same images many times may encode them once).
 
         Differentiable when called in training mode with grad enabled.
         """
@@ -645,5 +774,3 @@ class ImageAdapter(ImageModel):
                 if re.search(pat, name):
                     groups[g].append(name)
         return groups
-        ``batch["latents"]`` ``(B, C, h, w)``, when present, stands for ``encode_images(pixel_values)``
-        (a caller that sees the same images many times may encode them once).
