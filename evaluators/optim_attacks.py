@@ -143,6 +143,47 @@ def prompt_ids(model, prompts: list[str], prefix: int = 0) -> tuple[torch.Tensor
     return ids, mask, cut
 
 
+def inserted_ids(model, prompts: list[str], every: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """P4D-K's prompts: token ids ``(B, T)`` of ``[BOS] w1..wK [slot] wK+1..w2K [slot] ... [EOS] + pad``,
+    one learnt slot after every ``every`` prompt tokens, and the ``(B, T)`` mask of the slots.
+
+    Every row gets the same number of slots, ``n = max_i ceil(len_i / every)`` (the optimiser
+    takes ``n`` per row): a shorter prompt's extra slots go after its last word. Prompts are
+    truncated so that ``len + n + 2`` fits the tokenizer's ``model_max_length``. Returns
+    ``(ids, mask, number of prompts truncated)``."""
+    if every < 1:
+        raise ValueError(f"insert_every={every}: must be >= 1")
+    tok = model.tokenizer
+    t_max = tok.model_max_length
+    words = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    fit = []
+    for w in words:  # longest prefix of w that fits with its own slots
+        k = len(w)
+        while k and k + -(-k // every) + 2 > t_max:
+            k -= 1
+        fit.append(k)
+    n = max(1, max(-(-k // every) for k in fit))
+    ids = torch.full((len(prompts), t_max), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    cut = 0
+    for b, w in enumerate(words):
+        keep = w[:min(fit[b], t_max - 2 - n)]
+        cut += len(keep) < len(w)
+        row, slots = [tok.bos_token_id], []
+        for j, tid in enumerate(keep):
+            row.append(tid)
+            if (j + 1) % every == 0 and len(slots) < n:
+                slots.append(len(row))
+                row.append(tok.pad_token_id)
+        while len(slots) < n:
+            slots.append(len(row))
+            row.append(tok.pad_token_id)
+        row.append(tok.eos_token_id)
+        ids[b, :len(row)] = torch.tensor(row)
+        mask[b, slots] = True
+    return ids, mask, cut
+
+
 def forget_rows(data, max_prompts: int | None) -> list[dict]:
     """The attacked rows: the forget evaluation splits' rows, one per distinct prompt (first seed)."""
     seen: dict[str, dict] = {}
@@ -305,7 +346,10 @@ class TokenAttackConfig(AttackConfig):
 
 @dataclass
 class P4DConfig(TokenAttackConfig):
-    tokens: int = field(default=16, metadata={"help": "tokens of each adversarial prompt (the whole prompt)"})
+    tokens: int = field(default=16, metadata={"help": "tokens of each adversarial prompt (the whole prompt; P4D-N)"})
+    insert_every: int = field(default=0, metadata={
+        "help": "P4D-K: keep the prompt's tokens and insert one learnt token after every K of them (the paper's "
+                "K = 3); 0: P4D-N (a whole new prompt of `tokens` tokens)"})
 
 
 def _check_token_config(name: str, c: TokenAttackConfig) -> None:
@@ -318,6 +362,8 @@ def _check_token_config(name: str, c: TokenAttackConfig) -> None:
         raise ValueError(f"eval.attack_params.{name}.max_prompts={c.max_prompts}: must be >= 0 (0: all)")
     if c.judge_every < 0:
         raise ValueError(f"eval.attack_params.{name}.judge_every={c.judge_every}: must be >= 0 (0: no judge)")
+    if getattr(c, "insert_every", 0) < 0:
+        raise ValueError(f"eval.attack_params.{name}.insert_every={c.insert_every}: must be >= 0 (0: P4D-N)")
 
 
 def judged_concept(judge, images, rows: list[dict]) -> torch.Tensor:
@@ -436,7 +482,7 @@ class _TokenAttack(Attack):
         if judge is not None:
             check = judge_check(model, judge, rows, c.sample_steps)
             pre = check(model.tokenize([r["prompt"] for r in rows]), list(range(len(rows))))  # already drawn
-        res = optimise_hard_tokens(model, ids, mask, c.tokens, loss_fn, c.steps, c.lr, allowed, init,
+        res = optimise_hard_tokens(model, ids, mask, int(init.shape[1]), loss_fn, c.steps, c.lr, allowed, init,
                                    check=check, check_every=c.judge_every, solved=pre)
         final = ids.clone()
         final[mask] = res["ids"].reshape(-1)
@@ -447,7 +493,7 @@ class _TokenAttack(Attack):
         table = {r["prompt"]: conds[i] for i, r in enumerate(rows)}
         adversarial = {r["prompt"]: _decode(model, final[i].tolist()) for i, r in enumerate(rows)}
         wrapped = _hard_prompt_model(model, self.name, table, adversarial, final)
-        info = {"steps_done": res["steps_done"], "tokens": c.tokens, "prompts": len(rows), "truncated": cut,
+        info = {"steps_done": res["steps_done"], "tokens": int(init.shape[1]), "prompts": len(rows), "truncated": cut,
                 "adversarial": adversarial, "loss": {"initial": round(float(res["first"].mean()), 6),
                                                      "best": round(float(res["loss"].mean()), 6)},
                 "banned": words if c.ban_concept_words else [],
@@ -490,7 +536,9 @@ class UnlearnDiffAtk(_TokenAttack):
 
 class P4D(_TokenAttack):
     """P4D-N: per prompt, a hard prompt of ``tokens`` tokens whose erased-model noise prediction
-    matches the original model's on the prompt (see the module docstring)."""
+    matches the original model's on the prompt (see the module docstring). P4D-K
+    (``insert_every: K``): the prompt's own tokens stay, one learnt token is inserted after every K
+    of them (:func:`inserted_ids`; random allowed tokens to start), same loss."""
 
     name = "p4d"
     Config = P4DConfig
@@ -503,11 +551,16 @@ class P4D(_TokenAttack):
         with torch.no_grad():
             own = original.encode_prompts(original.tokenize([r["prompt"] for r in rows]))
             want = original.noise_pred(x_t, t, own.repeat_interleave(c.timesteps, dim=0))  # ε*(x_t, E(p), t)
-        ids, mask, _ = prompt_ids(model, [""] * len(rows), prefix=c.tokens)
-
         def loss_fn(cond):
             return _per_item_mse(model.noise_pred(x_t, t, cond.repeat_interleave(c.timesteps, dim=0)), want,
                                  c.timesteps)
+
+        if c.insert_every:  # P4D-K
+            ids, mask, cut = inserted_ids(model, [r["prompt"] for r in rows], c.insert_every)
+            n = int(mask[0].sum())
+            init = torch.multinomial(allowed.float(), len(rows) * n, replacement=True).reshape(len(rows), n)
+            return loss_fn, ids, mask, init, cut
+        ids, mask, _ = prompt_ids(model, [""] * len(rows), prefix=c.tokens)
 
         # start from the prompt's own tokens (repeated or cut to `tokens`), banned ones moved to their
         # nearest allowed token: the search starts where the original model draws the concept
@@ -524,6 +577,10 @@ class P4D(_TokenAttack):
 
     def describe(self, n: int, steps: int) -> str:
         c = self.config
+        if c.insert_every:
+            return (f"P4D-K: one learnt token after every {c.insert_every} prompt tokens ({n} forget prompts), "
+                    f"optimised {steps} steps (lr {c.lr}) so the erased model's noise prediction matches the "
+                    "original model's on the prompt")
         return (f"a hard prompt of {c.tokens} tokens per prompt ({n} forget prompts) optimised {steps} steps "
                 f"(lr {c.lr}) so the erased model's noise prediction matches the original model's on the prompt")
 

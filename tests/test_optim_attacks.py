@@ -234,3 +234,34 @@ def test_the_attacks_run_on_a_latent_sd1_pipeline(tmp_path):
         att = make_attack(name, params, modality="image").attacked(erased, original, image_inputs(data))
         assert att.info["steps_done"] == 2
         assert att.model.sample([prompt], seed=[1], steps=2).shape == (1, 16, 16, 3)
+
+
+def test_p4d_k_inserts_a_learnt_token_after_every_k_prompt_tokens(zoo_setup):
+    from unlearn.evaluators.optim_attacks import inserted_ids
+
+    data, original, erased = zoo_setup
+    tok = erased.tokenizer
+    prompts = ["a picture of a solid red square", "a red ring"]
+    ids, mask, cut = inserted_ids(erased, prompts, 3)
+    own = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n = -(-max(len(w) for w in own) // 3)  # 7 words -> 3 slots; the short prompt gets 3 too
+    assert cut == 0 and mask.sum(1).tolist() == [n, n]
+    for b, w in enumerate(own):
+        row = ids[b].tolist()
+        assert row[0] == tok.bos_token_id and row[len(w) + n + 1] == tok.eos_token_id
+        assert [row[i] for i in range(1, len(w) + n + 1) if not mask[b, i]] == w  # the prompt, in order
+    slots0 = mask[0].nonzero().squeeze(1).tolist()
+    assert slots0 == [4, 8, 10]  # BOS w1 w2 w3 [s] w4 w5 w6 [s] w7 [s]: after words 3 and 6, and the extra one at the end
+    with pytest.raises(ValueError, match="insert_every=-1: must be >= 0"):
+        make_attack("p4d", {"insert_every": -1}, modality="image")
+    att = make_attack("p4d", {"steps": 3, "insert_every": 3, "max_prompts": 4, "judge_every": 0},
+                      modality="image").attacked(erased, original, image_inputs(data))
+    info = att.info
+    assert info["steps_done"] == 3 and info["prompts"] == 4
+    for prompt, adv in info["adversarial"].items():
+        w = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(adv, add_special_tokens=False)["input_ids"]
+        assert len(a) == len(w) + info["tokens"]  # the prompt's tokens + the inserted ones
+        kept = [t for j, t in enumerate(a) if not ((j + 1) % 4 == 0 and (j + 1) // 4 <= len(w) // 3)]
+        assert kept[:len(w)] == w
+    assert info["loss"]["best"] <= info["loss"]["initial"] and "P4D-K" in att.note
