@@ -1,7 +1,8 @@
 """Robustness of concept erasure on the tiny text-to-image zoo: every image method (recipe) x
 every image attack. Prints, per method, the erasure rate before any attack and each attack's
 concept rate after it (the attack success rate, ASR) on the explicit and implicit forget
-prompts, and the retain in-domain accuracy after the attack (a Markdown table).
+prompts, the retain in-domain accuracy after the attack, and per run the method's retain
+accuracies, FID-like, edit/training time and run wall time (a Markdown table).
 
     .venv/bin/python scripts/image_robustness.py                          # the default methods, seed 0
     .venv/bin/python scripts/image_robustness.py recipes/i2p-tiny-uce.yaml --seeds 0 1 2
@@ -53,6 +54,8 @@ def main() -> None:
             s = res.summary["unlearned"]
             rec = {"recipe": name, "seed": seed, "erasure_explicit": s["erasure_explicit"],
                    "erasure_implicit": s["erasure_implicit"], "retain_in_domain": s["retain_in_domain"],
+                   "retain_cross_domain": s.get("retain_cross_domain"), "fid_like": s.get("fid_like"),
+                   "edit_seconds": (res.metrics.get("editor") or {}).get("edit_seconds", res.summary.get("edit_seconds")),
                    "wall_seconds": round(time.time() - t0, 1), "attacks": {}}
             for att, r in (res.metrics.get("attacks") or {}).get("unlearned", {}).items():
                 st = r["settings"]
@@ -69,16 +72,20 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(store, indent=1))
     attacks = list(dict.fromkeys(a for r in runs for a in r["attacks"]))
     print("\nCells: ASR explicit / implicit (concept rate after the attack) [retain in-domain after].\n")
-    print("| method (recipe) | seed | erasure before expl / impl | " + " | ".join(f"`{a}`" for a in attacks) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in attacks) + " |")
+    print("| method (recipe) | seed | erasure before expl / impl | retain in / cross | FID-like | "
+          + " | ".join(f"`{a}`" for a in attacks) + " | edit s | run s |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in attacks) + " | --- | --- |")
     for r in runs:
         cells = []
         for a in attacks:
             v = r["attacks"].get(a)
             cells.append("" if v is None else f"{_f(v['asr'].get(SPLITS[0]))} / {_f(v['asr'].get(SPLITS[1]))} "
                                               f"[{_f(v['retain_in_domain'])}]")
+        fid = "n/a" if r.get("fid_like") is None else f"{r['fid_like']:.0f}"
+        edit = "n/a" if r.get("edit_seconds") is None else f"{r['edit_seconds']:.2f}"
         print(f"| {r['recipe']} | {r['seed']} | {_f(r['erasure_explicit'])} / {_f(r['erasure_implicit'])} | "
-              + " | ".join(cells) + " |")
+              f"{_f(r['retain_in_domain'])} / {_f(r.get('retain_cross_domain'))} | {fid} | "
+              + " | ".join(cells) + f" | {edit} | {r['wall_seconds']:.0f} |")
 
 
 if __name__ == "__main__":
