@@ -70,3 +70,7 @@ register_editor(SAFREE, load_safree)
 from unlearn.editors.concept_ablation import ConceptAblation  # noqa: E402
 
 register_editor(ConceptAblation)
+
+from unlearn.editors.mace import MACE  # noqa: E402
+
+register_editor(MACE)
