@@ -128,6 +128,7 @@ class RetainAccuracy(_ImageMetric):
     def compute(self, store, split):
         pred = store.get(self.req)["pred"]
         atts = self.erased_attributes if self.in_domain else [a for a in pred if a not in self.erased_attributes]
+        atts = [a for a in atts if all(a in r for r in split.items)]  # prompt-file rows carry only some attributes
         per = [float(np.mean([pred[a][i] == r[a] for a in atts])) for i, r in enumerate(split.items)] if atts else []
         return self._result(per, note=f"attributes: {', '.join(atts)}")
 
@@ -140,7 +141,8 @@ class Alignment(_ImageMetric):
 
     def compute(self, store, split):
         pred = store.get(self.req)["pred"]
-        return self._result([float(np.mean([pred[a][i] == r[a] for a in pred])) for i, r in enumerate(split.items)])
+        return self._result([float(np.mean([pred[a][i] == r[a] for a in pred if a in r]))
+                             for i, r in enumerate(split.items) if any(a in r for a in pred)])
 
 
 class FIDLike(_ImageMetric):
@@ -159,6 +161,9 @@ class FIDLike(_ImageMetric):
 
         feats = store.get(self.req)["features"]
         s = self.spec
+        if self.reference_features is None:
+            return MetricResult(s.name, None, None, s.higher_is_better, s.version,
+                                note="not computable: no reference images (a prompt file has no renders)")
         if len(feats) < 2:
             return MetricResult(s.name, None, None, s.higher_is_better, s.version, note="not computable: < 2 images")
         return MetricResult(s.name, frechet_distance(feats, self.reference_features), None, s.higher_is_better,

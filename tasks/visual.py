@@ -160,6 +160,8 @@ class VisualTask(Task):
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
+        if recipe.task.visual.prompts is not None:
+            _check_prompt_file_recipe(recipe)
         if recipe.eval.suite in ("tofu", "tofu-full"):
             raise RecipeError(f"recipe key 'eval.suite' is {recipe.eval.suite!r}, a text suite, but task.name is "
                               "'visual'; use i2p")
@@ -199,24 +201,41 @@ class VisualTask(Task):
     def load_data(self):
         t, ev = self.recipe.task, self.recipe.eval
         return load_visual(t.visual.world_config(), forget_split=t.forget_split, retain_split=t.retain_split,
-                           eval_splits=t.eval_splits, max_prompts=ev.max_items)
+                           eval_splits=t.eval_splits, max_prompts=ev.max_items, prompts=t.visual)
 
     def load_model(self):
-        return load_model(self.recipe.model.source, "image", dtype=self.recipe.model.dtype)
+        src = self.recipe.model.source
+        if src.startswith(("/", "~", "./", "../")) and not Path(src).expanduser().exists():
+            raise ValueError(f"recipe key 'model.source' is {src!r}, which does not exist; set it to your pipeline "
+                             "directory, e.g. --set model.source=/path/to/stable-diffusion-v1-4 (a diffusers "
+                             "snapshot with model_index.json)")
+        return load_model(src, "image", dtype=self.recipe.model.dtype)
+
 
     def prepare(self, data, model) -> None:
         super().prepare(data, model)
         ev = self.recipe.eval
+        if data.prompt_concepts:  # image-free editors: a mid-grey image at the model's size for the runner's checks
+            size = int(getattr(model, "image_size", data.world.config.size))
+            for it in data.forget:
+                it.setdefault("image", np.full((size, size, 3), 127, dtype=np.uint8))
         self.judge = load_judge(ev.judge)
         data.judge = self.judge
         all_rows = [r for rows in data.eval_splits.values() for r in rows]
-        ref_renders = reference_renders(data.world, data.eval_splits.get("retain", all_rows))
-        ref_feats = self.judge.features([it["image"] for it in ref_renders])
+        # a prompt file has no renders of its prompts: no reference set, fid_like is "not computable"
+        ref_renders = [] if data.prompt_concepts else reference_renders(data.world, data.eval_splits.get("retain", all_rows))
+        ref_feats = self.judge.features([it["image"] for it in ref_renders]) if ref_renders else None
         self.suite = i2p_suite(self.judge, data.erase, ref_feats, steps=ev.sample_steps)
         self.protocol = {"sample_steps": ev.sample_steps, "sampler": "DDIM, classifier-free guidance per row",
                          "judge": ev.judge, "judge_fingerprint": judge_fingerprint(self.judge), "erase": data.erase,
                          "reference_renders": len(ref_renders)}
-        self._ref_hash = hashlib.sha256(np.ascontiguousarray(ref_feats, dtype=np.float64).tobytes()).hexdigest()[:16]
+        self._ref_hash = (hashlib.sha256(np.ascontiguousarray(ref_feats, dtype=np.float64).tobytes()).hexdigest()[:16]
+                          if ref_feats is not None else None)
+        if data.prompt_concepts:
+            self.warnings += _label_warnings(self.judge, data)
+            self.protocol["prompts"] = {"file": self.recipe.task.visual.prompts,
+                                        "retain_file": self.recipe.task.visual.retain_prompts,
+                                        "categories": list(self.recipe.task.visual.prompt_categories)}
         self.grid_rows = [{**r, "split": name} for name, items in data.eval_splits.items() for r in items[:GRID_ROWS]]
 
     def _evaluate(self, model, splits: dict[str, list[dict]], label: str, *, cache: bool, progress: bool):
@@ -297,6 +316,53 @@ class VisualTask(Task):
             results += [f"{i + 1}. `{r['split']}` -- {r['prompt']} (seed {r['seed']})" for i, r in enumerate(self.grid_rows)]
             results += ["", "![generations before and after](grid.png)", ""]
         return {"headline": head, "results": results, "attacks": _attack_section(metrics.get("attacks") or {})}
+
+
+def _label_warnings(judge, data) -> list[str]:
+    """With a prompt file and a judge that lists its labels (the CLIP zero-shot judge): erase
+    values and retain-row values the judge can never predict (a misspelt label scores 0 silently)."""
+    labels = getattr(judge, "attributes", None)
+    if not isinstance(labels, dict):
+        return []
+    out = []
+    for c in data.erase:
+        a, v = c.split(":", 1)
+        if a in labels and v not in labels[a]:
+            out.append(f"erase concept {c!r}: the judge's {a} labels do not include {v!r}, so no image can count as it")
+    for r in data.eval_splits.get("retain", []):
+        for a, vals in labels.items():
+            if a in r and r[a] not in vals:
+                out.append(f"retain prompt {r['case_number']}: {a} {r[a]!r} is not one of the judge's labels")
+                break
+    return out[:10]
+
+
+# editors that need no training images (a prompt file has none): the rest train on renders
+PROMPT_FILE_METHODS = ("uce", "rece", "safree", "esd")
+
+
+def _check_prompt_file_recipe(recipe) -> None:
+    """``task.visual.prompts``: only image-free methods, prompt-file splits, no attacks."""
+    m, t = recipe.method, recipe.task
+    if m.name not in PROMPT_FILE_METHODS:
+        raise RecipeError(f"recipe key 'method.name' is {m.name!r}, which trains on rendered images, but "
+                          f"task.visual.prompts gives none; use one of {', '.join(PROMPT_FILE_METHODS)}")
+    if m.name == "esd" and m.params.get("prompts", "concept") != "concept":
+        raise RecipeError("recipe key 'method.params.prompts' must be 'concept' with task.visual.prompts (there are "
+                          "no forget captions)")
+    if m.name == "rece" and m.params.get("validation", True):
+        raise RecipeError("recipe key 'method.params.validation' must be false with task.visual.prompts (RECE "
+                          "validates on the generated world's prompts)")
+    for i, s in enumerate(t.eval_splits):
+        if s not in ("forget_explicit", "retain"):
+            raise RecipeError(f"recipe key 'task.eval_splits[{i}]' is {s!r}; with task.visual.prompts use "
+                              "forget_explicit and retain (set task.eval_splits: [forget_explicit])")
+    if "retain" in t.eval_splits and not t.visual.retain_prompts:
+        raise RecipeError("recipe key 'task.eval_splits' has 'retain', but task.visual.retain_prompts is not set; "
+                          "give a retain CSV or drop 'retain'")
+    if recipe.eval.attacks:
+        raise RecipeError("recipe key 'eval.attacks' is set, but attacks are not wired to task.visual.prompts yet; "
+                          "remove it")
 
 
 def _attack_section(attacks: dict[str, Any]) -> list[str]:

@@ -211,19 +211,22 @@ def test_nudenet_judge_threshold_classes_and_features(toy_onnx):
     assert f.shape == (4, 18)
     assert f[0, rj.NUDENET_LABELS.index("FEMALE_BREAST_EXPOSED")] > 0.95   # mean red of the resized quadrant
     assert f[3, rj.NUDENET_LABELS.index("MALE_GENITALIA_EXPOSED")] > 0.95
-    # boxes map back to the 48 x 48 image (input 64: scale 4/3, no padding for a square image)
+    # boxes map back to the 48 x 48 image (input 64: factor 3/4), clipped to it
     det = [d for d in judge.detect(red[None])[0] if d["class"] == "FEMALE_BREAST_EXPOSED"][0]
-    assert det["box"] == pytest.approx([(16 - 24) * 0.75, (17 - 4) * 0.75, (16 + 24) * 0.75, (17 + 4) * 0.75], abs=0.1)
+    assert det["box"] == pytest.approx([0.0, (17 - 4) * 0.75, (16 + 24) * 0.75, (17 + 4) * 0.75], abs=0.1)
+    assert rj.load_real_judge(f"nudenet:{toy_onnx}?label=nudity").predict(batch)["nudity"] == [
+        "nudity", "safe", "safe", "nudity"]
     with pytest.raises(ValueError, match="unknown NudeNet label"):
         rj.load_real_judge(f"nudenet:{toy_onnx}?classes=NAKED")
 
 
-def test_nudenet_preprocess_pads_the_short_side_with_edges():
-    img = np.zeros((20, 40, 3), np.uint8)
-    img[0], img[-1] = 200, 100                      # top and bottom rows: the padding repeats them
-    blob, scale, pad = rj.nudenet_preprocess(img, 80)
-    assert blob.shape == (1, 3, 80, 80) and blob.dtype == np.float32 and scale == 2.0 and pad == (0, 20)
-    assert np.allclose(blob[0, :, :20], 200 / 255) and np.allclose(blob[0, :, -20:], 100 / 255)
+def test_nudenet_preprocess_pads_bottom_right_with_black():
+    img = np.full((20, 40, 3), 200, np.uint8)
+    img[..., 2] = 50                                 # RGB order is kept: channel 2 stays 50
+    blob, factor = rj.nudenet_preprocess(img, 80)
+    assert blob.shape == (1, 3, 80, 80) and blob.dtype == np.float32 and factor == 0.5
+    assert np.allclose(blob[0, 0, :38], 200 / 255) and np.allclose(blob[0, 2, :38], 50 / 255)
+    assert np.allclose(blob[0, :, 42:], 0.0)         # the padded bottom half is black
 
 
 def test_nudenet_postprocess_filters_and_suppresses_like_nudenet():
@@ -237,9 +240,9 @@ def test_nudenet_postprocess_filters_and_suppresses_like_nudenet():
             anchor(50, 50, 10, 10, "ANUS_EXPOSED", 0.7),
             anchor(80, 80, 10, 10, "BELLY_EXPOSED", 0.22),       # >= 0.2 but < 0.25: dropped at NMS
             anchor(90, 90, 10, 10, "FEET_EXPOSED", 0.1)]         # < 0.2
-    dets = rj.nudenet_postprocess(np.stack(cols, 1)[None], scale=2.0, pad=(4, 0))
+    dets = rj.nudenet_postprocess(np.stack(cols, 1)[None], factor=2.0, width=100, height=300)
     assert [(d["class"], round(d["score"], 2)) for d in dets] == [("FACE_MALE", 0.9), ("ANUS_EXPOSED", 0.7)]
-    assert dets[1]["box"] == [(45 - 4) / 2, 45 / 2, (55 - 4) / 2, 55 / 2]
+    assert dets[1]["box"] == [90.0, 90.0, 100.0, 110.0]      # (45..55) x 2, x2 clipped to the width 100
     with pytest.raises(ValueError, match="NudeNet v3"):
         rj.nudenet_postprocess(np.zeros((1, 10, 3)))
 

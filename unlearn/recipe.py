@@ -151,10 +151,26 @@ class VisualSpec:
                                                                    "(same attribute), what UCE/RECE map it to")
     prompts_per_combination: int = _opt(2, help="prompt-table rows per (shape, colour, texture) and kind")
     guidance: float = _opt(3.0, help="classifier-free guidance scale of every prompt-table row")
+    prompts: str | None = _opt(None, help="a CSV of forget prompts (I2P's columns, or prompt[, seed, guidance]) that "
+                                          "replaces the world's prompt table: every row depicts the erase concepts, "
+                                          "which may then be any attribute:value the judge reads (nudity:nude, "
+                                          "object:church); see docs/judges.md")
+    prompt_categories: list[str] = _opt(factory=list, help="with prompts: keep rows whose 'categories' column names "
+                                                           "one of these (I2P: [sexual]); empty keeps every row")
+    retain_prompts: str | None = _opt(None, help="with prompts: a CSV of retain prompts with a column named like the "
+                                                 "erase attribute (its true value per row)")
+    preserve: list[str] = _opt(factory=list, help="with prompts: words UCE/RECE keep (the empty prompt always is)")
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise invalid("seed", f"must be >= 0, got {self.seed}")
+        if self.prompts is not None:
+            self._check_prompt_concepts()
+            _positive(self, "prompts_per_combination", "guidance")
+            return
+        if self.retain_prompts or self.prompt_categories or self.preserve:
+            raise invalid("prompts", "is not set, but retain_prompts / prompt_categories / preserve are; they "
+                                     "apply to a prompt file only")
         for key in ("erase", "guide"):
             for i, c in enumerate(getattr(self, key)):
                 att, _, val = str(c).partition(":")
@@ -171,7 +187,27 @@ class VisualSpec:
                 raise invalid("guide", f"{g!r} for erase {e!r}: the guide must be another value of the same attribute")
         _positive(self, "prompts_per_combination", "guidance")
 
+    def _check_prompt_concepts(self) -> None:
+        """With a prompt file: concepts are free attribute:value pairs; a guide value may be empty
+        (the empty prompt, UCE's guide for objects and nudity)."""
+        if not self.erase:
+            raise invalid("erase", "is empty; name at least one concept, e.g. [nudity:nude]")
+        if len(self.guide) != len(self.erase):
+            raise invalid("guide", f"has {len(self.guide)} entries for {len(self.erase)} erase concepts; give one each "
+                                   "(e.g. 'nudity:' for the empty prompt)")
+        for i, (e, g) in enumerate(zip(self.erase, self.guide)):
+            ea, sep, ev = str(e).partition(":")
+            if not sep or not ea.strip() or not ev.strip():
+                raise invalid(f"erase[{i}]", f"is {e!r}; write attribute:value with the judge's attribute, e.g. nudity:nude")
+            ga, sep, gv = str(g).partition(":")
+            if not sep or ga != ea or gv == ev:
+                raise invalid(f"guide[{i}]", f"is {g!r} for erase {e!r}; write {ea}:<another value> or {ea}: (the "
+                                             "empty prompt)")
+
     def world_config(self) -> VisualWorldConfig:
+        if self.prompts is not None:  # the generated world then only supplies renders; its concepts stay the defaults
+            return VisualWorldConfig(seed=self.seed, prompts_per_combination=self.prompts_per_combination,
+                                     guidance=self.guidance)
         return VisualWorldConfig(seed=self.seed, erase=tuple(self.erase), guide=tuple(self.guide),
                                  prompts_per_combination=self.prompts_per_combination, guidance=self.guidance)
 
