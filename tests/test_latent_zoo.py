@@ -68,6 +68,14 @@ def test_miniature_family_build_loads_as_a_latent_pipeline(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["models"]["target"]["fingerprint"] == ad.fingerprint()
     imgs = ad.sample(["a red circle"], seed=0, steps=2, guidance=1.0)
     assert imgs.shape == (1, 16, 16, 3)
+    # a second stage keeps the VAE and the judge and trains the UNet on
+    more = build_latent_t2i_family(tmp_path / "s2", spec=T2IBuildSpec(
+        model=TinyT2ISpec(block_out_channels=(8, 16)), steps=2, eval_every=100, final_eval=False), continue_from=tmp_path)
+    ad2 = ImageAdapter.load(str(tmp_path / "s2" / "target"))
+    assert more["vae"] == man["vae"] and len(more["spec"]["stages"]) == 1
+    assert ad2.fingerprint() != ad.fingerprint()
+    v1, v2 = ad.vae.state_dict(), ad2.vae.state_dict()
+    assert all(torch.equal(v1[k], v2[k]) for k in v1)
 
 
 def _shipped():

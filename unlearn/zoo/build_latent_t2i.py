@@ -20,7 +20,8 @@ The target is saved as a diffusers pipeline directory (``model_index.json``, ``v
 ...): the latent code path of :class:`~unlearn.adapters.image.ImageAdapter` (the one real SD
 checkpoints take) loads it, so every image method and attack is measured on a latent model that
 really knows the concepts. ``python -m unlearn.zoo.build_latent_t2i OUT`` rebuilds it
-(single-threaded, fixed seeds).
+(single-threaded, fixed seeds; the shipped family trained its UNet in two stages,
+:data:`SHIPPED_STAGES`).
 """
 
 from __future__ import annotations
@@ -116,14 +117,22 @@ def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(images), 128)])
 
 
-def build_latent_t2i_family(out_dir: str | Path, vae_spec: VAESpec | None = None, spec: T2IBuildSpec | None = None) -> dict:
-    """Train the VAE, then ``judge`` and the latent ``target`` into ``out_dir``; returns the manifest."""
+def build_latent_t2i_family(out_dir: str | Path, vae_spec: VAESpec | None = None, spec: T2IBuildSpec | None = None,
+                            continue_from: str | Path | None = None) -> dict:
+    """Train the VAE, then ``judge`` and the latent ``target`` into ``out_dir``; returns the manifest.
+
+    ``continue_from``: a finished build directory: its VAE, judge and target are kept and the
+    target's UNet and text encoder train ``spec.steps`` more steps (a new warm-up + cosine stage,
+    see :func:`~unlearn.zoo.build_t2i.build_t2i_family`)."""
     from unlearn.evaluators.image_judge import JudgeConfig, judge_accuracy, train_judge
 
     vae_spec = vae_spec or VAESpec()
     spec = spec or T2IBuildSpec(model=TinyT2ISpec(block_out_channels=(32, 64)), steps=4000, family=FAMILY)
     spec.family = FAMILY
     torch.set_num_threads(spec.threads)
+    if continue_from is not None:
+        prev = json.loads((Path(continue_from) / "manifest.json").read_text())
+        return build_t2i_family(out_dir, spec, continue_from=continue_from, extra_manifest={"vae": prev["vae"]})
     world = build_visual_world(spec.world)
     train, holdout = world.split("train"), world.split("holdout")
     x = images_to_tensor([it["image"] for it in train])
@@ -138,20 +147,30 @@ def build_latent_t2i_family(out_dir: str | Path, vae_spec: VAESpec | None = None
     extra = {"vae": {"spec": asdict(vae_spec), "log": vae_log, "seconds": round(vae_seconds, 1),
                      "scaling_factor": vae.config.scaling_factor, "parameters": sum(p.numel() for p in vae.parameters()),
                      "holdout_reconstruction_judge_accuracy": rec_acc}}
+    extra = json.loads(json.dumps(extra))  # as the manifest file holds it (lists, not tuples)
     # build_t2i_family trains (and saves) the same judge again: same seed, same data
     man = build_t2i_family(out_dir, spec, vae=vae, extra_manifest=extra)
+    man["build_seconds"] = round(man["build_seconds"] + vae_seconds, 1)  # the VAE stage counts too
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(man, indent=1))
     return man
 
 
-SHIPPED_STEPS = 4000  # UNet steps of the shipped family (one warm-up + cosine schedule)
+# UNet steps of the shipped family's stages: each a warm-up + cosine schedule continuing the last
+SHIPPED_STAGES = (4000, 6000)
 
 
-def build_latent_t2i_zoo(out_dir: str | Path, steps: int = SHIPPED_STEPS, vae_steps: int = VAESpec.steps,
+def build_latent_t2i_zoo(out_dir: str | Path, stages: tuple[int, ...] = SHIPPED_STAGES, vae_steps: int = VAESpec.steps,
                          threads: int = 1, eval_every: int = 500) -> dict:
-    """Rebuild the shipped tiny-latent-t2i family into ``out_dir`` (``unlearn zoo build tiny-latent-t2i``)."""
-    s = T2IBuildSpec(model=TinyT2ISpec(block_out_channels=(32, 64)), steps=steps, threads=threads,
-                     eval_every=eval_every, family=FAMILY, world=VisualWorldConfig())
-    return build_latent_t2i_family(out_dir, VAESpec(steps=vae_steps), s)
+    """Rebuild the shipped tiny-latent-t2i family into ``out_dir`` (``unlearn zoo build tiny-latent-t2i``):
+    stage k (k < last) goes to ``out_dir/stage<k>``, the last to ``out_dir``."""
+    out_dir, prev, man = Path(out_dir), None, {}
+    for k, steps in enumerate(stages):
+        target = out_dir if k == len(stages) - 1 else out_dir / f"stage{k + 1}"
+        s = T2IBuildSpec(model=TinyT2ISpec(block_out_channels=(32, 64)), steps=steps, threads=threads,
+                         eval_every=eval_every, family=FAMILY, world=VisualWorldConfig())
+        man = build_latent_t2i_family(target, VAESpec(steps=vae_steps), s, continue_from=prev)
+        prev = target
+    return man
 
 
 if __name__ == "__main__":  # python -m unlearn.zoo.build_latent_t2i OUT [--steps N] [--vae-steps N]
@@ -159,10 +178,17 @@ if __name__ == "__main__":  # python -m unlearn.zoo.build_latent_t2i OUT [--step
 
     ap = argparse.ArgumentParser(description="build the tiny-latent-t2i zoo family")
     ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=SHIPPED_STEPS, help="UNet training steps (cosine schedule)")
+    ap.add_argument("--steps", type=int, nargs="+", default=list(SHIPPED_STAGES),
+                    help="UNet training steps of each stage (each a warm-up + cosine schedule)")
+    ap.add_argument("--continue-from", default=None, help="a finished build: train its target --steps more")
     ap.add_argument("--vae-steps", type=int, default=VAESpec.steps)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=500)
     a = ap.parse_args()
-    m = build_latent_t2i_zoo(a.out, a.steps, a.vae_steps, a.threads, a.eval_every)
+    if a.continue_from:
+        s = T2IBuildSpec(model=TinyT2ISpec(block_out_channels=(32, 64)), steps=a.steps[0], threads=a.threads,
+                         eval_every=a.eval_every, family=FAMILY, world=VisualWorldConfig())
+        m = build_latent_t2i_family(a.out, spec=s, continue_from=a.continue_from)
+    else:
+        m = build_latent_t2i_zoo(a.out, tuple(a.steps), a.vae_steps, a.threads, a.eval_every)
     print(json.dumps({"vae": {k: v for k, v in m["vae"].items() if k != "log"}, **m["models"]}, indent=1))
