@@ -161,3 +161,47 @@ def test_label_warnings_name_values_the_judge_cannot_predict():
     w = _label_warnings(judge, data)
     assert len(w) == 2 and "'Church'" in w[0] and "retain prompt 5" in w[1] and "'garbage truck'" in w[1]
     assert _label_warnings(SimpleNamespace(), data) == []          # judges without labels: nothing to check
+
+
+@pytest.mark.parametrize("name, params", [
+    ("sd14-object-uce", {}),
+    ("sd14-nudity-esd", {"iterations": 2, "ddim_steps": 2}),
+    ("sd14-nudity-safree", {}),
+])
+def test_sd14_recipe_runs_on_a_tiny_sd1_pipeline(name, params, tmp_path):
+    """The shipped recipe, end to end on a tiny random SD-1.x-shaped pipeline directory, a prompt
+    file and a tiny random CLIP zero-shot judge: the published edit runs through the latent
+    path, the judge reads the decoded images, the erased model is saved as a pipeline."""
+    import unlearn
+    from test_latent_pipelines import build_sd
+    from test_real_judges import make_tiny_clip
+
+    from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.build_t2i import world_tokenizer
+
+    pipe = build_sd(tmp_path / "sd1", world_tokenizer(build_visual_world(), 24))
+    clip = make_tiny_clip(tmp_path / "clip")
+    r = load_recipe(RECIPES[[p.stem for p in RECIPES].index(name)])
+    (attr, value), = [c.split(":", 1) for c in r.task.visual.erase]
+    rows = _write_csv(tmp_path / "p.csv", ["prompt", "categories", "evaluation_seed", attr], [
+        ["a solid red circle", "sexual", 1, value], ["a striped red square", "sexual", 2, value],
+        ["a dotted green cross", "sexual", 3, "tench"], ["a solid blue circle", "sexual", 4, "truck"]])
+    sets = [f"model.source={pipe}", f"task.visual.prompts={rows}", f"output.dir={tmp_path / 'run'}",
+            f"eval.judge=clip:{clip}?{attr}={value},tench,truck", "eval.sample_steps=2", "eval.batch_size=4"]
+    sets += [f"task.visual.retain_prompts={rows}"] if r.task.visual.retain_prompts else []
+    sets += [f"method.params.{k}={v}" for k, v in params.items()]
+    res = unlearn.run(str(RECIPES[[p.stem for p in RECIPES].index(name)]), overrides=sets, progress=False)
+    m = res.metrics
+    assert m["summary"]["unlearned"]["erasure_explicit"] is not None
+    # the file's attribute column picks the forget rows (the two with the erase value)
+    assert len(m["models"]["unlearned"]["splits"]["forget_explicit"]["metrics"]["erasure_rate"]["per_item"]) == 2
+    if r.task.visual.retain_prompts:
+        assert m["summary"]["unlearned"]["retain_in_domain"] is not None
+    changed = m["changed_parameters"]
+    if r.method.name == "uce":
+        assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
+    elif r.method.name == "esd":                     # esd-u: everything but cross-attention and time embedding
+        assert changed and not any(".attn2." in n for n in changed)
+    else:                                            # SAFREE wraps the model; weights unchanged
+        assert not changed
+    assert (res.run_dir / "checkpoint").is_dir()

@@ -16,14 +16,13 @@ LABEL_WORDS = ["church", "parachute", "truck", "red", "green", "blue", "yellow",
                "cross", "solid", "striped", "dotted"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny CLIPModel (16-dim towers, 8-dim projection, 32 x 32 images) + tokenizer + image processor."""
+def make_tiny_clip(d):
+    """A tiny CLIPModel (16-dim towers, 8-dim projection, 32 x 32 images) + tokenizer + image
+    processor saved to ``d`` (a word-level tokenizer over LABEL_WORDS and the templates)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from unlearn.zoo.image_models import build_caption_tokenizer
 
-    d = tmp_path_factory.mktemp("clip")
     tok = build_caption_tokenizer([f"a photo of a {w}" for w in LABEL_WORDS] + ["a painting in the style of"],
                                   max_length=16)
     torch.manual_seed(0)
@@ -37,6 +36,11 @@ def clip_dir(tmp_path_factory):
     tok.save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
