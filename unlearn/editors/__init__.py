@@ -71,6 +71,14 @@ from unlearn.editors.concept_ablation import ConceptAblation  # noqa: E402
 
 register_editor(ConceptAblation)
 
+from unlearn.editors.advunlearn import AdvUnlearn  # noqa: E402
+
+register_editor(AdvUnlearn)
+
 from unlearn.editors.mace import MACE  # noqa: E402
 
 register_editor(MACE)
+
+from unlearn.editors.spm import SPM, load_spm  # noqa: E402
+
+register_editor(SPM, load_spm)
