@@ -82,3 +82,7 @@ register_editor(MACE)
 from unlearn.editors.spm import SPM, load_spm  # noqa: E402
 
 register_editor(SPM, load_spm)
+
+from unlearn.editors.nemo import NeMo  # noqa: E402
+
+register_editor(NeMo)

@@ -1,0 +1,236 @@
+"""Memorised prompts for the tiny text-to-image zoo, and NeMo's memorisation neurons on them.
+
+The visual world has no memorised training images, so this script makes some: a few unique
+captions (random sequences of the world's own words, which the word-level tokenizer knows), each
+paired with ONE fixed image (a random colour mosaic no render of the world looks like), are mixed
+many times into a short fine-tune of ``zoo:tiny-t2i/target`` on the world's training renders. Then
+sampling those captions reproduces near-copies of their images, while every other prompt keeps
+drawing the world's shapes.
+
+It then measures, for the target, the memorised model and the memorised model after NeMo
+(``unlearn.editors.nemo``: value neurons deactivated):
+
+* near-copy similarity of each memorised caption's generations to its training image (cosine of
+  centred pixels and of the judge's features; mean and max over ``--eval-seeds`` seeds);
+* fidelity of ordinary prompts: the judge's accuracy (shape, colour, texture, all three) on the
+  world's prompt-table rows and the FID-like distance of their generations to held-out renders.
+
+    .venv/bin/python scripts/memorisation.py --out runs/memorisation     # a few CPU minutes on one thread
+
+``runs/memorisation/`` then holds the memorised model (``model/``, safetensors), ``memorised.json``
++ ``memorised.safetensors`` (captions and images, what ``nemo.memorised`` reads) and
+``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def memorised_pairs(world, n: int = 4, words: int = 5, seed: int = 0, size: int = 16,
+                    tiles: int = 2) -> tuple[list[str], np.ndarray]:
+    """``n`` unique captions and one image each.
+
+    Captions: ``words`` words drawn (with replacement) from the world's *generic* words, the ones that
+    occur in captions of every (shape, colour, texture) combination ("a", "picture", "of", "the",
+    "shape", ...), in an order no caption of the world has; so the memorised captions share no
+    attribute word with ordinary prompts and fine-tuning on them leaves the attribute words alone.
+    Images: a ``tiles`` x ``tiles`` mosaic of random colours, upsampled to ``size`` -> uint8 ``(n, S, S, 3)``.
+    """
+    rng = random.Random(f"memorised-{seed}")
+    combos: dict[str, set] = {}
+    for it in world.items:
+        for w in it["caption"].split():
+            if w.isalpha():
+                combos.setdefault(w, set()).add((it["shape"], it["colour"], it["texture"]))
+    n_comb = len({(it["shape"], it["colour"], it["texture"]) for it in world.items})
+    vocab = sorted(w for w, c in combos.items() if len(c) == n_comb)
+    if not vocab:
+        raise ValueError("the world's captions have no word common to every combination")
+    existing = {it["caption"] for it in world.items}
+    caps: list[str] = []
+    while len(caps) < n:
+        c = " ".join(rng.choice(vocab) for _ in range(words))
+        if c not in existing and c not in caps:
+            caps.append(c)
+    g = np.random.default_rng(seed)
+    if size % tiles:
+        raise ValueError(f"tiles={tiles} must divide the image size {size}")
+    grid = g.integers(0, 256, size=(n, tiles, tiles, 3), dtype=np.uint8)
+    imgs = np.repeat(np.repeat(grid, size // tiles, axis=1), size // tiles, axis=2)  # (n, S, S, 3)
+    return caps, np.ascontiguousarray(imgs)
+
+
+def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int = 300, batch_size: int = 16,
+             memorised_per_batch: int = 4, lr: float = 1e-3, uncond_prob: float = 0.1, seed: int = 0,
+             warmup: int = 20, group: str = "unet", ema: float = 0.99) -> dict:
+    """Fine-tune the UNet in place: each batch holds ``memorised_per_batch`` copies of the memorised
+    (caption, image) pairs (cycled) and world training renders for the rest; captions dropped with
+    ``uncond_prob`` (as in the zoo's training) so classifier-free guidance keeps working; the lr warms
+    up linearly over ``warmup`` steps. Only the parameter group ``group`` trains; at the end the
+    trained weights are replaced by their exponential moving average (decay ``ema``; 0 = off), as
+    the zoo's own training does, which keeps the ordinary prompts' fidelity."""
+    train = world.split("train")
+    rng = random.Random(f"memorise-{seed}")
+    mem = [{"image": img, "caption": c, "image_seed": 10_000 + i} for i, (c, img) in enumerate(zip(captions, images))]
+    names = set(adapter.parameter_groups()[group])
+    params = [p for n, p in adapter.model.named_parameters() if n in names]
+    flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
+    for n, p in adapter.model.named_parameters():
+        p.requires_grad_(n in names)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    avg = [p.detach().clone() for p in params]
+    adapter.model.train()
+    losses, t0 = [], time.time()
+    try:
+        for step in range(steps):
+            items = [dict(mem[(step * memorised_per_batch + k) % len(mem)]) for k in range(memorised_per_batch)]
+            items += [dict(train[rng.randrange(len(train))]) for _ in range(batch_size - memorised_per_batch)]
+            for it in items:
+                if rng.random() < uncond_prob:
+                    it["caption"] = ""
+            for grp in opt.param_groups:
+                grp["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            batch = adapter.collate(items, seed=step + 7_000_000)
+            loss = adapter.item_loss(batch)[0].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for q, p in zip(avg, params):
+                    q.mul_(ema).add_(p.detach(), alpha=1.0 - ema)
+            losses.append(loss.item())
+        with torch.no_grad():
+            for q, p in zip(avg, params):
+                p.copy_(q)
+    finally:
+        adapter.model.eval()
+        for n, p in adapter.model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        adapter._fingerprint = None
+    return {"steps": steps, "seconds": round(time.time() - t0, 1), "loss_first": round(float(np.mean(losses[:10])), 4),
+            "loss_last": round(float(np.mean(losses[-10:])), 4)}
+
+
+def write_memorised(out: Path, captions: list[str], images: np.ndarray) -> None:
+    from safetensors.numpy import save_file
+
+    from unlearn.editors.nemo import MEMORISED_IMAGES, MEMORISED_JSON
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MEMORISED_JSON).write_text(json.dumps({"captions": list(captions)}, indent=1))
+    save_file({"images": np.ascontiguousarray(images)}, str(out / MEMORISED_IMAGES))
+
+
+def near_copies(adapter, captions, images, seeds: list[int], steps: int, judge) -> dict:
+    from unlearn.editors.nemo import near_copy_similarity
+
+    per = []
+    for c, img in zip(captions, images):
+        gen = adapter.sample([c] * len(seeds), seed=seeds, steps=steps)
+        px, ft = near_copy_similarity(gen, img), near_copy_similarity(gen, img, judge)
+        per.append({"caption": c, "pixel_mean": float(px.mean()), "pixel_max": float(px.max()),
+                    "judge_mean": float(ft.mean()), "judge_max": float(ft.max())})
+    agg = {k: round(float(np.mean([p[k] for p in per])), 4) for k in ("pixel_mean", "pixel_max", "judge_mean",
+                                                                        "judge_max")}
+    return {**agg, "per_caption": per}
+
+
+def fidelity(adapter, world, judge, rows: list[dict], steps: int) -> dict:
+    """The judge's accuracy per attribute (and all three) on ``rows`` (each row's prompt and seed) and the
+    FID-like distance of those generations to the world's held-out renders (judge features)."""
+    from unlearn.evaluators.image_judge import frechet_distance
+
+    imgs = adapter.sample([r["prompt"] for r in rows], seed=[int(r["seed"]) for r in rows], steps=steps)
+    pred = judge.predict(imgs)
+    ok = {a: np.array([p == r[a] for p, r in zip(pred[a], rows)]) for a in ("shape", "colour", "texture")}
+    held = [it["image"] for it in world.split("holdout")]
+    fid = frechet_distance(judge.features(imgs), judge.features(np.stack(held)))
+    return {**{f"acc_{a}": round(float(v.mean()), 4) for a, v in ok.items()},
+            "acc_all": round(float(np.mean(ok["shape"] & ok["colour"] & ok["texture"])), 4),
+            "fid_like": round(float(fid), 2)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/memorisation")
+    ap.add_argument("--n", type=int, default=4, help="memorised captions")
+    ap.add_argument("--steps", type=int, default=500, help="fine-tune steps")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--group", default="unet", help="parameter group the fine-tune trains")
+    ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the fine-tuned weights (0 = off)")
+    ap.add_argument("--tiles", type=int, default=2, help="the memorised images are tiles x tiles colour mosaics")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--memorised-per-batch", type=int, default=4)
+    ap.add_argument("--eval-seeds", type=int, default=8, help="generations per memorised caption in the measurement")
+    ap.add_argument("--rows", type=int, default=96, help="prompt-table rows for the fidelity measurement")
+    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--threshold", type=float, default=0.7, help="nemo.threshold (pixel cosine)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+
+    from unlearn.adapters.image import ImageAdapter
+    from unlearn.editors import EditContext
+    from unlearn.editors.nemo import NeMo, NeMoConfig
+    from unlearn.evaluators.image_judge import ImageJudge
+    from unlearn.tasks.visual_task import load_visual
+    from unlearn.trainer import TrainSettings
+    from unlearn.zoo import zoo_path
+
+    out = Path(a.out)
+    data = load_visual()
+    world = data.world
+    judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
+    caps, imgs = memorised_pairs(world, a.n, seed=a.seed, tiles=a.tiles)
+    write_memorised(out, caps, imgs)
+    table = world.prompt_table()
+    rows = table[:: max(1, len(table) // a.rows)][: a.rows]
+    seeds = [1000 + s for s in range(a.eval_seeds)]
+    res: dict = {"captions": caps, "settings": vars(a)}
+
+    t0 = time.time()
+    target = ImageAdapter.load("zoo:tiny-t2i/target")
+    res["target"] = {"near_copy": near_copies(target, caps, imgs, seeds, a.sample_steps, judge),
+                     "fidelity": fidelity(target, world, judge, rows, a.sample_steps)}
+    print("target", json.dumps({k: v for k, v in res["target"]["near_copy"].items() if k != "per_caption"}),
+          res["target"]["fidelity"], flush=True)
+    model = target
+    res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
+                               memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group, ema=a.ema)
+    model.save(out / "model")
+    res["memorised"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
+                        "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
+    print("memorise", res["memorise"], flush=True)
+    print("memorised", json.dumps({k: v for k, v in res["memorised"]["near_copy"].items() if k != "per_caption"}),
+          res["memorised"]["fidelity"], flush=True)
+    ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps))
+    r = ed.apply(model, data, EditContext(settings=TrainSettings(), seed=a.seed, progress=False))
+    res["nemo"] = {k: r.info[k] for k in ("n_neurons", "neurons", "per_prompt", "edit_seconds")}
+    res["after_nemo"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
+                         "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
+    print("nemo", r.info["headline"], flush=True)
+    print("after_nemo", json.dumps({k: v for k, v in res["after_nemo"]["near_copy"].items() if k != "per_caption"}),
+          res["after_nemo"]["fidelity"], flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print("wrote", out / "results.json", f"({res['seconds']} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
