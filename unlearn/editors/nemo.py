@@ -302,6 +302,7 @@ class NeMo(Editor):
     their rows of ``attn2.to_v`` in place (nothing else changes)."""
 
     name = "nemo"
+    full_parameters = "it reads the activations of every cross-attention value layer and zeroes rows of their weights"
     Config = NeMoConfig
     paper = PAPER
     modalities = ("image",)
