@@ -183,3 +183,18 @@ def test_editor_attributes():
     cfg = ESDConfig()
     assert (cfg.variant, cfg.negative_guidance, cfg.iterations, cfg.ddim_steps, cfg.sample_guidance, cfg.prompts) \
         == ("esd-x", 1.0, 200, 20, 3.0, "concept")
+
+
+def test_optimizer_step_stops_on_a_non_finite_gradient_before_the_weights_change():
+    from unlearn.editors.base import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    optimizer_step((w * 2).sum(), opt, [w], None, "esd at iteration 1")
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # one SGD step on a finite gradient
+    with pytest.raises(FloatingPointError, match=r"esd at iteration 2: non-finite gradient norm"):
+        # loss sqrt(w - w) = 0 is finite, its gradient 1 / (2 sqrt(0)) is not
+        optimizer_step(torch.sqrt(w - w.detach()).sum(), opt, [w], 1.0, "esd at iteration 2")
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # unchanged
+    with pytest.raises(FloatingPointError, match=r"esd at iteration 3: non-finite loss \(nan\)"):
+        optimizer_step(w.sum() * float("nan"), opt, [w], 1.0, "esd at iteration 3")

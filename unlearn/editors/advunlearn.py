@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
 from unlearn.editors.esd import esd_prompts, esd_target, sample_xt
 from unlearn.trainer import TrainLog
 
@@ -272,14 +272,8 @@ class AdvUnlearn(Editor):
                     keep = F.mse_loss(adapter.noise_pred(xr, tr, adapter.encode_prompts(r_ids[r_idx])).float(),
                                       er.float())
                     loss = erase + cfg.retain_weight * keep
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"advunlearn: non-finite loss ({loss.item()}) at iteration {it + 1}; "
-                                             "lower train.lr or advunlearn.attack_lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                opt.step()
+                optimizer_step(loss, opt, params, settings.max_grad_norm,
+                               f"advunlearn at iteration {it + 1}; lower train.lr or advunlearn.attack_lr")
                 log.steps += 1
                 entry = {"step": it + 1, "loss": round(loss.item(), 6), "erase": round(erase.item(), 6),
                          "t": int(t[0]), "prompt": prompts[p_i], "lr": settings.lr}

@@ -96,3 +96,21 @@ class Editor:
         """Edit or wrap ``adapter`` (the target; it may be modified only if the editor says so
         in its docstring) using ``data`` (:class:`~unlearn.data.UnlearningData`)."""
         raise NotImplementedError
+
+
+def optimizer_step(loss, opt, params, max_grad_norm: float | None, where: str) -> None:
+    """One step of an editor's own training loop: backward, gradient clipping (``max_grad_norm``),
+    ``opt.step()``. Stops with ``FloatingPointError`` naming ``where`` (the method, iteration and
+    the fix) on a non-finite loss or a non-finite gradient norm, before the weights change."""
+    import math
+
+    import torch
+
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: non-finite loss ({loss.item()})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"{where}: non-finite gradient norm ({float(norm)})")
+    opt.step()

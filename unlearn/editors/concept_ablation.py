@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import images_to_tensor
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
 
@@ -157,14 +157,8 @@ class ConceptAblation(Editor):
                     prior = F.mse_loss(adapter.noise_pred(x_t, t, cond_a[b]).float(),
                                        adapter.loss_target(x, eps, t).float())
                     loss = loss + cfg.prior_weight * prior
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"concept_ablation: non-finite loss ({loss.item()}) at iteration {it + 1}; "
-                                             "lower train.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                opt.step()
+                optimizer_step(loss, opt, params, settings.max_grad_norm,
+                               f"concept_ablation at iteration {it + 1}; lower train.lr")
                 log.steps += 1
                 log.history.append({"step": it + 1, "loss": round(loss.item(), 6), "ablation": round(ablate.item(), 6),
                                     **({"prior": round(prior.item(), 6)} if prior is not None else {}),

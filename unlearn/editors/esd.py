@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
 
@@ -223,15 +223,9 @@ class ESD(Editor):
                 cond = conds[p_i:p_i + 1]  # (1, T, d)
                 x_t, t = sample_xt(reference, ddim, cond, uncond, k, cfg.sample_guidance, gen)
                 loss = esd_loss(adapter, reference, x_t, t, cond, uncond, cfg.negative_guidance)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"ESD: non-finite loss ({loss.item()}) at iteration {it + 1} (prompt {prompts[p_i]!r}, "
-                        f"t={int(t[0])}); lower train.lr or esd.negative_guidance")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                opt.step()
+                optimizer_step(loss, opt, params, settings.max_grad_norm,
+                               f"ESD at iteration {it + 1} (prompt {prompts[p_i]!r}, t={int(t[0])}); lower train.lr or "
+                               "esd.negative_guidance")
                 log.steps += 1
                 log.history.append({"step": it + 1, "loss": round(loss.item(), 6), "lr": settings.lr,
                                     "t": int(t[0]), "prompt": prompts[p_i]})

@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 
 from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import images_to_tensor
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
 from unlearn.editors.uce import UCEConfig, cross_attention_kv, uce_closed_form, uce_edit_unet, uce_factor
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
@@ -357,11 +357,8 @@ class MACE(Editor):
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"mace: non-finite attention loss at step {it + 1} of concept "
                                                      f"{s['word']!r}; lower train.lr")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if settings.max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                        opt.step()
+                        optimizer_step(loss, opt, params, settings.max_grad_norm,
+                                       f"mace at LoRA step {it + 1} of concept {s['word']!r}; lower train.lr")
                         losses.append(loss.item())
                         log.steps += 1
                         log.history.append({"step": log.steps, "concept": s["word"], "loss": round(loss.item(), 6),

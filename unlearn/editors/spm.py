@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import ImageAdapter
-from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult, optimizer_step
 from unlearn.editors.esd import esd_prompts, esd_target, sample_xt
 from unlearn.trainer import TrainLog
 
@@ -549,14 +549,7 @@ class SPM(Editor):
                     erase = F.mse_loss(pred[:1].float(), target.float())
                     anchor = F.mse_loss(pred[1:].float(), e_a.float()) if anchors else torch.zeros(())
                     loss = erase + cfg.anchor_weight * anchor
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"spm: non-finite loss ({loss.item()}) at iteration {it + 1}; lower "
-                                                 "train.lr")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if settings.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                    opt.step()
+                    optimizer_step(loss, opt, params, settings.max_grad_norm, f"spm at iteration {it + 1}; lower train.lr")
                     log.steps += 1
                     log.history.append({"step": it + 1, "loss": round(loss.item(), 6), "erase": round(erase.item(), 6),
                                         "anchor": round(anchor.item(), 8), "t": int(t_all[0]),
