@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _zoo_t2i import concept_rate, visual_data, zoo_target
 from unlearn.editors import EDITORS, EditContext
 from unlearn.editors.advunlearn import (AdvUnlearn, AdvUnlearnConfig, adversarial_condition, retain_prompts,
                                         soft_prompt_attack, trainable_names)
@@ -20,27 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data():
-    from unlearn.evaluators.image_judge import ImageJudge
-    from unlearn.tasks.visual_task import load_visual
-    from unlearn.zoo import zoo_path
-
-    torch.set_num_threads(1)
-    d = load_visual()
-    d.judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
-    return d
-
-
-def _adapter():
-    from unlearn.adapters.image import ImageAdapter
-
-    return ImageAdapter.load("zoo:tiny-t2i/target")
-
-
-def _concept_rate(data, model, rows) -> float:
-    from unlearn.editors.rece import concept_erasure
-
-    imgs = model.sample([r["prompt"] for r in rows], seed=[int(r["seed"]) for r in rows], steps=10)
-    return 1.0 - concept_erasure(data.judge, imgs, rows)
+    return visual_data()
 
 
 def test_bad_settings_are_named():
@@ -69,7 +50,7 @@ def test_the_inner_attack_respects_its_budget_and_lowers_its_loss(data):
     alone, and ends with a prefix that makes the model's prediction closer to the target."""
     from unlearn.evaluators.optim_attacks import prompt_ids, token_table
 
-    ad = _adapter()
+    ad = zoo_target()
     before = {k: v.clone() for k, v in ad.model.state_dict().items()}
     ids, mask, _ = prompt_ids(ad, ["red"], prefix=2)
     g = torch.Generator().manual_seed(0)
@@ -103,7 +84,7 @@ def test_the_inner_attack_respects_its_budget_and_lowers_its_loss(data):
 
 @pytest.mark.parametrize("module", ["text_encoder", "cross_attention_kv"])
 def test_only_the_chosen_module_trains_and_attacks_are_counted(data, module):
-    ad = _adapter()
+    ad = zoo_target()
     before = {k: v.clone() for k, v in ad.model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in ad.model.named_parameters()}
     cfg = AdvUnlearnConfig(module=module, warmup=1, attack_steps=3, attack_every=2, ddim_steps=4, retain_batch=1)
@@ -138,13 +119,13 @@ def test_retain_prompts_are_other_concepts(data):
 def test_red_fades_after_a_short_budget(data):
     """Measured (docs/editors/advunlearn.md): 150 iterations at lr 5e-4 on the text encoder; here 40
     iterations at lr 1e-3 on the first 8 explicit red rows."""
-    ad = _adapter()
+    ad = zoo_target()
     rows = data.eval_splits["forget_explicit"][:8]
-    before = _concept_rate(data, ad, rows)
+    before = concept_rate(data, ad, rows)
     cfg = AdvUnlearnConfig(warmup=10, attack_steps=5, ddim_steps=10, retain_batch=1)
     AdvUnlearn(cfg).apply(ad, data, EditContext(settings=TrainSettings(lr=1e-3, max_steps=40, max_grad_norm=1.0),
                                                 seed=0, progress=False))
-    after = _concept_rate(data, ad, rows)
+    after = concept_rate(data, ad, rows)
     assert before >= 0.9 and after <= before - 0.4, (before, after)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _zoo_t2i import concept_rate, visual_data, zoo_target
 from unlearn.editors import EDITORS, EditContext
 from unlearn.editors.concept_ablation import ConceptAblation, ConceptAblationConfig, anchor_pairs
 from unlearn.trainer import TrainSettings
@@ -18,27 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data():
-    from unlearn.evaluators.image_judge import ImageJudge
-    from unlearn.tasks.visual_task import load_visual
-    from unlearn.zoo import zoo_path
-
-    torch.set_num_threads(1)
-    d = load_visual()
-    d.judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
-    return d
-
-
-def _adapter():
-    from unlearn.adapters.image import ImageAdapter
-
-    return ImageAdapter.load("zoo:tiny-t2i/target")
-
-
-def _concept_rate(data, model, rows) -> float:
-    from unlearn.editors.rece import concept_erasure
-
-    imgs = model.sample([r["prompt"] for r in rows], seed=[int(r["seed"]) for r in rows], steps=10)
-    return 1.0 - concept_erasure(data.judge, imgs, rows)
+    return visual_data()
 
 
 def test_anchor_pairs_put_the_guide_word_in_place_of_the_erased_one(data):
@@ -65,7 +46,7 @@ def test_bad_settings_are_named():
 
 
 def test_only_the_variants_parameters_train_and_flags_are_restored(data):
-    ad = _adapter()
+    ad = zoo_target()
     before = {k: v.clone() for k, v in ad.model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in ad.model.named_parameters()}
     ed = ConceptAblation(ConceptAblationConfig(variant="kv", anchor_images=4, sample_steps=2, batch_size=2))
@@ -82,12 +63,12 @@ def test_only_the_variants_parameters_train_and_flags_are_restored(data):
 def test_red_is_ablated_onto_blue(data):
     """Measured (docs/images.md): 200 iterations at lr 1e-3 give erasure 0.92 / 0.92 with retain 1.00
     (12 rows per split); here 80 iterations on the first 12 explicit red rows."""
-    ad = _adapter()
+    ad = zoo_target()
     rows = data.eval_splits["forget_explicit"][:12]
-    before = _concept_rate(data, ad, rows)
+    before = concept_rate(data, ad, rows)
     ed = ConceptAblation(ConceptAblationConfig(anchor_images=32, sample_steps=10))
     ed.apply(ad, data, EditContext(settings=TrainSettings(lr=1e-3, max_steps=80), seed=0, progress=False))
-    after = _concept_rate(data, ad, rows)
+    after = concept_rate(data, ad, rows)
     assert before >= 0.9 and after <= before - 0.4, (before, after)
 
 

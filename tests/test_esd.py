@@ -198,3 +198,66 @@ def test_optimizer_step_stops_on_a_non_finite_gradient_before_the_weights_change
     assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # unchanged
     with pytest.raises(FloatingPointError, match=r"esd at iteration 3: non-finite loss \(nan\)"):
         optimizer_step(w.sum() * float("nan"), opt, [w], 1.0, "esd at iteration 3")
+
+
+def test_the_shared_loop_start_checks_and_seeds(adapter):
+    from unlearn.editors.base import image_loop_start
+
+    n, rng, gen = image_loop_start(adapter, TrainSettings(max_steps=None), 7, "concept_ablation", 3)
+    assert n == 7 and rng.random() == __import__("random").Random("concept-ablation-3").random()
+    assert torch.equal(torch.randn(2, generator=gen), torch.randn(2, generator=torch.Generator().manual_seed(3)))
+    assert image_loop_start(adapter, TrainSettings(max_steps=2), 7, "esd", 0)[0] == 2  # train.max_steps wins
+    with pytest.raises(ValueError, match=r"train.max_steps=0: spm needs at least one iteration"):
+        image_loop_start(adapter, TrainSettings(max_steps=0), 7, "spm", 0)
+    with pytest.raises(ValueError, match="advunlearn edits text-to-image diffusion models: the adapter has no noise_pred"):
+        image_loop_start(object(), TrainSettings(), 7, "advunlearn", 0)
+
+
+def test_the_train_state_is_restored_after_an_error(adapter):
+    from unlearn.editors.base import restoring_train_state
+
+    adapter.model["unet"].eval()
+    adapter.model["text_encoder"].train()
+    adapter._fingerprint = "stale"
+    with pytest.raises(RuntimeError, match="boom"), restoring_train_state(adapter):
+        for p in adapter.model.parameters():
+            p.requires_grad_(False)
+            p.grad = torch.zeros_like(p)
+        adapter.model["unet"].train()
+        adapter.model["text_encoder"].eval()
+        raise RuntimeError("boom")
+    assert all(p.requires_grad and p.grad is None for p in adapter.model.parameters())
+    assert not adapter.model["unet"].training and adapter.model["text_encoder"].training
+    assert adapter._fingerprint is None
+
+
+def test_a_wrapper_of_another_kind_or_with_a_changed_base_is_refused(adapter, tmp_path):
+    import json
+
+    from unlearn.editors.base import load_wrapper_base, save_wrapper_base
+
+    with pytest.raises(ValueError, match="meta needs a 'kind'"):
+        save_wrapper_base(tmp_path / "w", adapter, {})
+    save_wrapper_base(tmp_path / "w", adapter, {"kind": "spm", "adapter": "spm.safetensors"})
+    meta, base, _ = load_wrapper_base(tmp_path / "w", "spm")
+    assert meta["adapter"] == "spm.safetensors" and base.fingerprint() == adapter.fingerprint()
+    with pytest.raises(ValueError, match=r"describes a 'spm' wrapper, not 'safree'"):
+        load_wrapper_base(tmp_path / "w", "safree")
+    meta["base_fingerprint"] = "0" * 16
+    (tmp_path / "w" / "wrapper.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="the directory is corrupt"):
+        load_wrapper_base(tmp_path / "w", "spm")
+    with pytest.raises(ValueError, match="is not a readable spm wrapper description"):
+        load_wrapper_base(tmp_path / "nowhere", "spm")
+
+
+def test_retain_captions_name_the_switch_when_there_are_none():
+    from types import SimpleNamespace
+
+    from unlearn.editors.esd import retain_captions
+
+    items = [{"caption": "a blue square", "phrasing": "explicit"}, {"caption": "a blue square"},
+             {"caption": "a box in azure", "phrasing": "synonym"}, {"caption": "a green circle"}]
+    assert retain_captions(SimpleNamespace(retain=items), "x", "y") == ["a blue square", "a green circle"]
+    with pytest.raises(ValueError, match=r"^spm's anchoring needs them: .* or set method.params.anchor_weight: 0\)"):
+        retain_captions(SimpleNamespace(retain=[]), "spm's anchoring needs them", "method.params.anchor_weight: 0")

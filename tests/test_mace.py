@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _zoo_t2i import concept_rate, visual_data, zoo_target
 from unlearn.editors import EDITORS, EditContext
 from unlearn.editors.mace import (MACE, MACEConfig, _AttentionMaps, attention_loss, cfr_embeddings, concept_prompt_sets,
                                   fuse_loras, importance_weights, matching_positions, word_positions)
@@ -91,25 +92,13 @@ def test_bad_settings_are_named():
 # ---------------------------------------------------------------------------- on the shipped zoo
 @pytest.fixture(scope="module")
 def data():
-    from unlearn.evaluators.image_judge import ImageJudge
-    from unlearn.tasks.visual_task import load_visual
     from unlearn.tasks.visual_world import VisualWorldConfig
-    from unlearn.zoo import zoo_path
 
-    torch.set_num_threads(1)
-    d = load_visual(VisualWorldConfig(erase=("colour:red", "colour:green"), guide=("colour:blue", "colour:blue")))
-    d.judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
-    return d
-
-
-def _adapter():
-    from unlearn.adapters.image import ImageAdapter
-
-    return ImageAdapter.load("zoo:tiny-t2i/target")
+    return visual_data(VisualWorldConfig(erase=("colour:red", "colour:green"), guide=("colour:blue", "colour:blue")))
 
 
 def test_concept_prompts_and_cfr_keys(data):
-    ad = _adapter()
+    ad = zoo_target()
     sets = concept_prompt_sets(data, max_prompts=5)
     assert [(s["word"], s["guide"]) for s in sets] == [("red", "blue"), ("green", "blue")]
     assert all(len(s["prompts"]) == 5 and s["prompts"][0] == s["word"] for s in sets)
@@ -127,7 +116,7 @@ def test_concept_prompts_and_cfr_keys(data):
 
 
 def test_only_kv_changes_and_the_concepts_attention_drops(data):
-    ad = _adapter()
+    ad = zoo_target()
     before = {k: v.clone() for k, v in ad.model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in ad.model.named_parameters()}
     sets = concept_prompt_sets(data, max_prompts=8)
@@ -160,26 +149,19 @@ def test_only_kv_changes_and_the_concepts_attention_drops(data):
     assert a1 < 0.85 * a0, (a0, a1)  # measured 50.0 -> 36.4
 
 
-def _concept_rate(data, model, rows) -> float:
-    from unlearn.editors.rece import concept_erasure
-
-    imgs = model.sample([r["prompt"] for r in rows], seed=[int(r["seed"]) for r in rows], steps=10)
-    return 1.0 - concept_erasure(data.judge, imgs, rows)
-
-
 def test_two_colours_erased_at_once_and_blue_kept(data):
     """Measured (docs/editors/mace.md): the recipe erases red and green (1.00 / 1.00) with retain
     in-domain 1.00; here a smaller budget on 12 explicit rows of the two colours and 8 blue rows."""
-    ad = _adapter()
+    ad = zoo_target()
     forget = data.eval_splits["forget_explicit"]
     rows = [r for r in forget if "red" in r["prompt"].split()][:6] + [r for r in forget
                                                                       if "green" in r["prompt"].split()][:6]
     blue = [r for r in data.eval_splits["retain"] if r["colour"] == "blue"][:8]
-    before = _concept_rate(data, ad, rows)
+    before = concept_rate(data, ad, rows)
     ed = MACE(MACEConfig(lamb=1.0, train_preserve_scale=1.0, fuse_preserve_scale=1.0, images=8, sample_steps=10,
                          batch_size=8))
     ed.apply(ad, data, EditContext(settings=TrainSettings(lr=3e-3, max_steps=20), seed=0, progress=False))
-    after = _concept_rate(data, ad, rows)
+    after = concept_rate(data, ad, rows)
     imgs = ad.sample([r["prompt"] for r in blue], seed=[int(r["seed"]) for r in blue], steps=10)
     blue_kept = sum(p == "blue" for p in data.judge.predict(imgs)["colour"]) / len(blue)
     assert before >= 0.9 and after <= 0.2 and blue_kept >= 0.85, (before, after, blue_kept)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _zoo_t2i import concept_rate
 from unlearn.evaluators.attacks import ATTACKS, make_attack, run_image_attacks
 from unlearn.evaluators.image_attacks import image_inputs
 
@@ -35,13 +36,6 @@ def zoo_setup():
     erased._fingerprint = None
     erased = UCE().apply(erased, data, EditContext(settings=TrainSettings(), seed=0, progress=False)).adapter
     return data, original, erased
-
-
-def _concept_rate(data, model, rows) -> float:
-    from unlearn.editors.rece import concept_erasure
-
-    imgs = model.sample([r["prompt"] for r in rows], seed=[int(r["seed"]) for r in rows], steps=STEPS)
-    return 1.0 - concept_erasure(data.judge, imgs, rows)
 
 
 def _evaluate(data):
@@ -181,12 +175,12 @@ def test_attacks_bring_the_concept_back_after_uce(zoo_setup):
     concept inversion, P4D and UnlearnDiffAtk bring some of it back, Ring-A-Bell does not."""
     data, original, erased = zoo_setup
     rows = [r for r in data.eval_splits["forget_explicit"]][:12]
-    assert _concept_rate(data, erased, rows) <= 0.05
+    assert concept_rate(data, erased, rows, steps=STEPS) <= 0.05
     gains = {}
     for name, params in (("unlearndiffatk", {"steps": 15, "max_prompts": 12}),
                          ("concept_inversion", {"steps": 60})):
         att = make_attack(name, params, modality="image").attacked(erased, original, image_inputs(data))
-        gains[name] = _concept_rate(data, att.model, rows)
+        gains[name] = concept_rate(data, att.model, rows, steps=STEPS)
     assert max(gains.values()) >= 0.15, gains
 
 

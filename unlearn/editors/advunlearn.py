@@ -42,16 +42,15 @@ for the text encoder with the recipe's ``train.lr``; pixel-space or latent model
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters.base import ImageModel
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
-from unlearn.editors.esd import esd_prompts, esd_target, sample_xt
+from unlearn.editors.base import (EditContext, Editor, EditorConfig, EditResult, image_loop_start, optimizer_step,
+                                  restoring_train_state)
+from unlearn.editors.esd import esd_prompts, esd_target, retain_captions, sample_xt
 from unlearn.trainer import TrainLog
 
 PAPER = ("Zhang, Chen, Jia, Zhang, Liu, Ding, Hong, Liu (2024). Defensive Unlearning with Adversarial Training for "
@@ -124,11 +123,7 @@ def trainable_names(adapter, module: str) -> list[str]:
 
 def retain_prompts(data) -> list[str]:
     """The distinct explicit captions of the retain items (other concepts of the world)."""
-    caps = [it["caption"] for it in (getattr(data, "retain", None) or []) if it.get("phrasing", "explicit") == "explicit"]
-    if not caps:
-        raise ValueError("advunlearn's retain term needs retain prompts: the task has no retain items with explicit "
-                         "captions (name task.retain_split, or set method.params.retain_weight: 0)")
-    return list(dict.fromkeys(caps))
+    return retain_captions(data, "advunlearn's retain term needs retain prompts", "method.params.retain_weight: 0")
 
 
 def adversarial_condition(adapter, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -185,19 +180,10 @@ class AdvUnlearn(Editor):
         from unlearn.evaluators.optim_attacks import _check_model, allowed_tokens, prompt_ids, token_table
 
         cfg, settings = self.config, ctx.settings
-        if not isinstance(adapter, ImageModel):
-            raise ValueError("advunlearn edits text-to-image diffusion models: the adapter has no noise_pred "
-                             "(use an ImageAdapter)")
+        n_iter, rng, gen = image_loop_start(adapter, settings, cfg.iterations, self.name, ctx.seed)
         _check_model(adapter, "advunlearn")
         prompts = esd_prompts(data, cfg.prompts)
         retain = retain_prompts(data) if cfg.retain_weight > 0 else []
-        n_iter = settings.max_steps if settings.max_steps is not None else cfg.iterations
-        if n_iter < 1:
-            raise ValueError(f"train.max_steps={n_iter}: advunlearn needs at least one iteration")
-
-        torch.manual_seed(ctx.seed)
-        rng = random.Random(f"advunlearn-{ctx.seed}")
-        gen = torch.Generator().manual_seed(ctx.seed)
         reference = adapter.reference()  # ε*, E*: frozen deep copy of the unedited model
         ddim = DDIMScheduler.from_config(adapter.scheduler.config)
         ddim.set_timesteps(cfg.ddim_steps)
@@ -217,14 +203,12 @@ class AdvUnlearn(Editor):
             return table[allowed[pick]].clone().float()  # (n, d_in)
 
         names = set(trainable_names(adapter, cfg.module))
-        flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
         params = [p for n, p in adapter.model.named_parameters() if n in names]
-        modes = {k: m.training for k, m in adapter.model.items()}
         log = TrainLog(seed=ctx.seed)
         prefix: torch.Tensor | None = None
         attacks = attack_steps_done = 0
         t0 = time.perf_counter()
-        try:
+        with restoring_train_state(adapter):
             for n, p in adapter.model.named_parameters():
                 p.requires_grad_(n in names)
             opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
@@ -284,13 +268,6 @@ class AdvUnlearn(Editor):
                 log.history.append(entry)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.close()
-        finally:
-            for n, p in adapter.model.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
-            for k, m in adapter.model.items():
-                m.train(modes[k])
-            adapter._fingerprint = None
         log.seconds = time.perf_counter() - t0
 
         adv_words = None

@@ -20,6 +20,7 @@ Saving a wrapped adapter writes a directory with ``wrapper.json`` (``{"kind": <e
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -114,3 +115,88 @@ def optimizer_step(loss, opt, params, max_grad_norm: float | None, where: str) -
     if not torch.isfinite(norm):
         raise FloatingPointError(f"{where}: non-finite gradient norm ({float(norm)})")
     opt.step()
+
+
+BASE_DIR = "base"
+
+
+def save_wrapper_base(path, base, meta: dict) -> None:
+    """Save a wrapper that keeps its base model unchanged: ``base`` to ``path/base/`` and ``wrapper.json``
+    (``meta`` -- which must hold ``"kind"`` -- plus ``"base"`` and the base's ``"base_fingerprint"``, written
+    atomically and last, so a directory without it is recognisably incomplete)."""
+    from pathlib import Path
+
+    from unlearn.runs import atomic_write_json
+
+    if "kind" not in meta:
+        raise ValueError("save_wrapper_base: meta needs a 'kind' (the editor's name)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    base.save(path / BASE_DIR)
+    atomic_write_json(path / WRAPPER_FILE, {**meta, "base": BASE_DIR, "base_fingerprint": base.fingerprint(refresh=True)})
+
+
+def load_wrapper_base(path, kind: str, **kwargs) -> tuple[dict, Any, Any]:
+    """Read a directory written by :func:`save_wrapper_base` for editor ``kind`` -> ``(meta, base, path)``.
+
+    ``kwargs`` go to :meth:`ImageAdapter.load` of the base. One ValueError names the problem: an unreadable
+    ``wrapper.json``, a wrapper of another kind, or a base whose weights no longer match the fingerprint
+    saved with it."""
+    import json
+    from pathlib import Path
+
+    from unlearn.adapters.image import ImageAdapter
+
+    path = Path(path).expanduser()
+    try:
+        meta = json.loads((path / WRAPPER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / WRAPPER_FILE} is not a readable {kind} wrapper description: {e}") from None
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path / WRAPPER_FILE} describes a {meta.get('kind')!r} wrapper, not {kind!r}")
+    base = ImageAdapter.load(str(path / meta.get("base", BASE_DIR)), **kwargs)
+    if meta.get("base_fingerprint") and base.fingerprint() != meta["base_fingerprint"]:
+        raise ValueError(f"{path}: the stored base model has weights {base.fingerprint()}, but the {kind} wrapper was "
+                         f"saved with {meta['base_fingerprint']}; the directory is corrupt")
+    return meta, base, path
+
+
+def image_loop_start(adapter, settings, iterations: int, name: str, seed: int):
+    """The start every image editor that trains in its own loop shares -> ``(n_iter, rng, gen)``.
+
+    Checks that ``adapter`` is a text-to-image model (it has ``noise_pred``), takes the iteration count
+    (``train.max_steps`` when set, else the method's ``iterations``; at least 1, or one ValueError names
+    it), seeds torch with ``seed``, and returns a Python RNG keyed by the method's name and the seed (the
+    prompt, timestep and batch draws) and a torch generator (the start noise)."""
+    import random
+
+    import torch
+
+    from unlearn.adapters.base import ImageModel
+
+    if not isinstance(adapter, ImageModel):
+        raise ValueError(f"{name} edits text-to-image diffusion models: the adapter has no noise_pred "
+                         "(use an ImageAdapter)")
+    n_iter = settings.max_steps if settings.max_steps is not None else iterations
+    if n_iter < 1:
+        raise ValueError(f"train.max_steps={n_iter}: {name} needs at least one iteration")
+    torch.manual_seed(seed)
+    return n_iter, random.Random(f"{name.replace('_', '-')}-{seed}"), torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def restoring_train_state(adapter):
+    """Remember the ``requires_grad`` flag of every parameter of ``adapter.model`` and the train/eval mode of
+    each of its modules; on exit, also on an error, restore both, drop the gradients and the cached
+    fingerprint (the weights may have changed). The editors that train in their own loop run inside it."""
+    flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
+    modes = {k: m.training for k, m in adapter.model.items()}
+    try:
+        yield
+    finally:
+        for n, p in adapter.model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        for k, m in adapter.model.items():
+            m.train(modes[k])
+        adapter._fingerprint = None

@@ -27,7 +27,6 @@ recipe's ``train.lr`` (tiny models need a far larger lr than the paper's 2e-6); 
 from __future__ import annotations
 
 import math
-import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import images_to_tensor
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
+from unlearn.editors.base import (EditContext, Editor, EditorConfig, EditResult, image_loop_start, optimizer_step,
+                                  restoring_train_state)
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
 
@@ -107,15 +106,8 @@ class ConceptAblation(Editor):
         from tqdm.auto import tqdm
 
         cfg, settings = self.config, ctx.settings
-        if not isinstance(adapter, ImageModel):
-            raise ValueError("concept_ablation edits text-to-image diffusion models (use an ImageAdapter)")
+        n_iter, rng, gen = image_loop_start(adapter, settings, cfg.iterations, self.name, ctx.seed)
         pairs = anchor_pairs(data)
-        n_iter = settings.max_steps if settings.max_steps is not None else cfg.iterations
-        if n_iter < 1:
-            raise ValueError(f"train.max_steps={n_iter}: concept_ablation needs at least one iteration")
-        torch.manual_seed(ctx.seed)
-        rng = random.Random(f"concept-ablation-{ctx.seed}")
-        gen = torch.Generator().manual_seed(ctx.seed)
         t0 = time.perf_counter()
 
         # anchor images from the frozen (unedited) model: image j belongs to pair j mod P
@@ -130,12 +122,10 @@ class ConceptAblation(Editor):
             cond_t = adapter.encode_prompts(ids_t)  # (N, T, d): the text encoder never trains
             cond_a = adapter.encode_prompts(ids_a)
         names = set(adapter.parameter_groups()[_GROUP[cfg.variant]])
-        flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
         params = [p for n, p in adapter.model.named_parameters() if n in names]
-        unet_was_training = adapter.model["unet"].training
         n_t = adapter.scheduler.config.num_train_timesteps
         log = TrainLog(seed=ctx.seed)
-        try:
+        with restoring_train_state(adapter):
             for n, p in adapter.model.named_parameters():
                 p.requires_grad_(n in names)
             opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
@@ -165,12 +155,6 @@ class ConceptAblation(Editor):
                                     "lr": settings.lr})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.close()
-        finally:
-            for n, p in adapter.model.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
-            adapter.model["unet"].train(unet_was_training)
-            adapter._fingerprint = None
         log.seconds = time.perf_counter() - t0
         info = {"variant": cfg.variant, "iterations": n_iter, "pairs": [list(p) for p in pairs[:8]],
                 "n_pairs": len(pairs), "anchor_images": len(idx),

@@ -33,15 +33,14 @@ scheduler); AdamW with the recipe's ``train.lr`` (tiny models need a far larger 
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters.base import ImageModel
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
+from unlearn.editors.base import (EditContext, Editor, EditorConfig, EditResult, image_loop_start, optimizer_step,
+                                  restoring_train_state)
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
 
@@ -152,6 +151,17 @@ def trainable_names(adapter, variant: str) -> list[str]:
     raise ValueError(f"esd.variant={variant!r}: must be one of {', '.join(VARIANTS)}")
 
 
+def retain_captions(data, needs: str, off: str) -> list[str]:
+    """The distinct explicit captions of the task's retain items (the other concepts of the world), for
+    the editors whose extra term keeps them (AdvUnlearn's retain term, SPM's anchoring). ``needs`` and
+    ``off`` complete the error when there are none: "<needs>: ... (name task.retain_split, or set <off>)"."""
+    caps = [it["caption"] for it in (getattr(data, "retain", None) or []) if it.get("phrasing", "explicit") == "explicit"]
+    if not caps:
+        raise ValueError(f"{needs}: the task has no retain items with explicit captions (name task.retain_split, "
+                         f"or set {off})")
+    return list(dict.fromkeys(caps))
+
+
 def esd_prompts(data, mode: str) -> list[str]:
     """The prompts ESD erases: the erase concepts' words (``concept``) or the distinct explicit
     captions of the forget items (``captions``)."""
@@ -185,18 +195,8 @@ class ESD(Editor):
         from tqdm.auto import tqdm
 
         cfg, settings = self.config, ctx.settings
-        if not isinstance(adapter, ImageModel):
-            raise ValueError("ESD edits text-to-image diffusion models: the adapter has no noise_pred "
-                             "(use an ImageAdapter)")
+        n_iter, rng, gen = image_loop_start(adapter, settings, cfg.iterations, self.name, ctx.seed)
         prompts = esd_prompts(data, cfg.prompts)
-        n_iter = settings.max_steps if settings.max_steps is not None else cfg.iterations
-        if n_iter < 1:
-            raise ValueError(f"train.max_steps={n_iter}: ESD needs at least one iteration")
-
-        # seeds: prompts and step counts from a Python RNG, start noise from a torch generator
-        torch.manual_seed(ctx.seed)
-        rng = random.Random(f"esd-{ctx.seed}")
-        gen = torch.Generator().manual_seed(ctx.seed)
 
         reference = adapter.reference()  # ε*: frozen deep copy of the unedited model
         ddim = DDIMScheduler.from_config(adapter.scheduler.config)
@@ -206,12 +206,10 @@ class ESD(Editor):
             uncond = reference.encode_prompts(reference.tokenize([""]))  # (1, T, d)
 
         names = set(trainable_names(adapter, cfg.variant))
-        flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
         params = [p for n, p in adapter.model.named_parameters() if n in names]
-        unet_was_training = adapter.model["unet"].training
         log = TrainLog(seed=ctx.seed)
         t0 = time.perf_counter()
-        try:
+        with restoring_train_state(adapter):
             for n, p in adapter.model.named_parameters():
                 p.requires_grad_(n in names)
             opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
@@ -231,12 +229,6 @@ class ESD(Editor):
                                     "t": int(t[0]), "prompt": prompts[p_i]})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.close()
-        finally:
-            for n, p in adapter.model.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
-            adapter.model["unet"].train(unet_was_training)
-            adapter._fingerprint = None
         log.seconds = time.perf_counter() - t0
 
         label = {"esd-x": "ESD-x", "esd-u": "ESD-u", "esd-all": "ESD-all"}[cfg.variant]

@@ -54,13 +54,12 @@ import numpy as np
 import torch
 
 from unlearn.adapters.image import ImageAdapter
-from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, load_wrapper_base, save_wrapper_base
 from unlearn.tasks.visual_task import concept_value
 from unlearn.tasks.visual_world import _SYNONYMS
 
 PAPER = ("Yoon, Yu, Patil, Bansal, Chen (2024). SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image "
          "and Video Generation. arXiv:2410.12761")
-BASE_DIR = "base"
 SDXL_ENCODERS = ("text_encoder_2", "both")
 
 
@@ -414,12 +413,8 @@ class SAFREEAdapter(ImageAdapter):
     def save(self, path: str | Path) -> None:
         """Write the base model to ``path/base/`` and ``wrapper.json`` (``{"kind": "safree",
         "config", "keywords", "base", "base_fingerprint"}``) to ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.base.save(path / BASE_DIR)
-        meta = {"kind": SAFREE.name, "paper": PAPER, "config": asdict(self.config), "keywords": self.keywords,
-                "base": BASE_DIR, "base_fingerprint": self.base.fingerprint(refresh=True)}
-        (path / WRAPPER_FILE).write_text(json.dumps(meta, indent=1))
+        save_wrapper_base(path, self.base, {"kind": SAFREE.name, "paper": PAPER, "config": asdict(self.config),
+                                            "keywords": self.keywords})
 
     @classmethod
     def load(cls, source: str, **kwargs) -> "SAFREEAdapter":
@@ -430,17 +425,7 @@ class SAFREEAdapter(ImageAdapter):
 def load_safree(path: str | Path, **kwargs) -> SAFREEAdapter:
     """Rebuild a :class:`SAFREEAdapter` saved by :meth:`SAFREEAdapter.save` (``kwargs`` go to
     :meth:`ImageAdapter.load` of the base model)."""
-    path = Path(path).expanduser()
-    try:
-        meta = json.loads((path / WRAPPER_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path / WRAPPER_FILE} is not a readable SAFREE description: {e}") from None
-    if meta.get("kind") != SAFREE.name:
-        raise ValueError(f"{path / WRAPPER_FILE} describes a {meta.get('kind')!r} wrapper, not {SAFREE.name!r}")
-    base = ImageAdapter.load(str(path / meta.get("base", BASE_DIR)), **kwargs)
-    if meta.get("base_fingerprint") and base.fingerprint() != meta["base_fingerprint"]:
-        raise ValueError(f"{path}: the stored base model has weights {base.fingerprint()}, but the guard was saved "
-                         f"with {meta['base_fingerprint']}; the directory is corrupt")
+    meta, base, _ = load_wrapper_base(path, SAFREE.name, **kwargs)
     return SAFREEAdapter(base, meta["keywords"], SAFREEConfig(**meta["config"]))
 
 

@@ -51,7 +51,6 @@ import copy
 import hashlib
 import json
 import math
-import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,16 +60,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import ImageAdapter
-from unlearn.editors.base import WRAPPER_FILE, EditContext, Editor, EditorConfig, EditResult, optimizer_step
-from unlearn.editors.esd import esd_prompts, esd_target, sample_xt
+from unlearn.editors.base import (EditContext, Editor, EditorConfig, EditResult, image_loop_start, load_wrapper_base,
+                                  optimizer_step, restoring_train_state, save_wrapper_base)
+from unlearn.editors.esd import esd_prompts, esd_target, retain_captions, sample_xt
 from unlearn.trainer import TrainLog
 
 PAPER = ("Lyu, Yang, Hong, Chen, Jin, Ding, Han (2024). One-dimensional Adapter to Rule Them All: Concepts, Diffusion "
          "Models and Erasing Applications. CVPR 2024, arXiv:2312.16145")
 ADAPTER_FILE = "spm.safetensors"
-BASE_DIR = "base"
 LAYERS = ("cross_attention_kv", "cross_attention", "transformer")
 _LAYER_PATTERNS = {
     "cross_attention_kv": r"\.attn2\.to_[kv]$",
@@ -432,11 +430,8 @@ class SPMAdapter(ImageAdapter):
         ``wrapper.json`` (``{"kind": "spm", ...}``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.base.save(path / BASE_DIR)
         self.save_adapter(path / ADAPTER_FILE)
-        meta = {"kind": SPM.name, "paper": PAPER, "adapter": ADAPTER_FILE, "base": BASE_DIR,
-                "base_fingerprint": self.base.fingerprint(refresh=True)}
-        (path / WRAPPER_FILE).write_text(json.dumps(meta, indent=1))
+        save_wrapper_base(path, self.base, {"kind": SPM.name, "paper": PAPER, "adapter": ADAPTER_FILE})
 
     @classmethod
     def load(cls, source: str, **kwargs) -> "SPMAdapter":
@@ -456,27 +451,13 @@ def apply_spm(model: ImageAdapter, adapter_file: str | Path, **config_overrides)
 def load_spm(path: str | Path, **kwargs) -> SPMAdapter:
     """Rebuild an :class:`SPMAdapter` saved by :meth:`SPMAdapter.save` (``kwargs`` go to
     :meth:`ImageAdapter.load` of the base model)."""
-    path = Path(path).expanduser()
-    try:
-        meta = json.loads((path / WRAPPER_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path / WRAPPER_FILE} is not a readable SPM description: {e}") from None
-    if meta.get("kind") != SPM.name:
-        raise ValueError(f"{path / WRAPPER_FILE} describes a {meta.get('kind')!r} wrapper, not {SPM.name!r}")
-    base = ImageAdapter.load(str(path / meta.get("base", BASE_DIR)), **kwargs)
-    if meta.get("base_fingerprint") and base.fingerprint() != meta["base_fingerprint"]:
-        raise ValueError(f"{path}: the stored base model has weights {base.fingerprint()}, but the adapter was saved "
-                         f"with {meta['base_fingerprint']}; the directory is corrupt")
+    meta, base, path = load_wrapper_base(path, SPM.name, **kwargs)
     return apply_spm(base, path / meta.get("adapter", ADAPTER_FILE))
 
 
 def anchor_prompts(data) -> list[str]:
     """The distinct explicit captions of the retain items (the anchor concepts)."""
-    caps = [it["caption"] for it in (getattr(data, "retain", None) or []) if it.get("phrasing", "explicit") == "explicit"]
-    if not caps:
-        raise ValueError("spm's latent anchoring needs anchor prompts: the task has no retain items with explicit "
-                         "captions (name task.retain_split, or set method.params.anchor_weight: 0)")
-    return list(dict.fromkeys(caps))
+    return retain_captions(data, "spm's latent anchoring needs anchor prompts", "method.params.anchor_weight: 0")
 
 
 # ---------------------------------------------------------------------------- the editor
@@ -498,16 +479,11 @@ class SPM(Editor):
         from tqdm.auto import tqdm
 
         cfg, settings = self.config, ctx.settings
-        if not isinstance(adapter, ImageModel) or not isinstance(adapter, ImageAdapter):
+        n_iter, rng, gen = image_loop_start(adapter, settings, cfg.iterations, self.name, ctx.seed)
+        if not isinstance(adapter, ImageAdapter):
             raise ValueError("spm edits text-to-image diffusion models (use an ImageAdapter)")
         prompts = esd_prompts(data, cfg.prompts)
         anchors = anchor_prompts(data) if cfg.anchor_weight > 0 else []
-        n_iter = settings.max_steps if settings.max_steps is not None else cfg.iterations
-        if n_iter < 1:
-            raise ValueError(f"train.max_steps={n_iter}: spm needs at least one iteration")
-        torch.manual_seed(ctx.seed)
-        rng = random.Random(f"spm-{ctx.seed}")
-        gen = torch.Generator().manual_seed(ctx.seed)
         t0 = time.perf_counter()
 
         reference = adapter.reference()  # ε*
@@ -520,11 +496,9 @@ class SPM(Editor):
             uncond = reference.encode_prompts(reference.tokenize([""]))  # (1, T, d)
             a_conds = reference.encode_prompts(reference.tokenize(anchors)) if anchors else None  # (A, T, d)
 
-        flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
-        modes = {k: m.training for k, m in adapter.model.items()}
         params = list(net.parameters())
         log = TrainLog(seed=ctx.seed)
-        try:
+        with restoring_train_state(adapter):
             for p in adapter.model.parameters():
                 p.requires_grad_(False)
             for m in adapter.model.values():
@@ -556,16 +530,9 @@ class SPM(Editor):
                                         "prompt": prompts[p_i], "lr": settings.lr})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.close()
-        finally:
-            for n, p in adapter.model.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
-            for k, m in adapter.model.items():
-                m.train(modes[k])
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-            adapter._fingerprint = None
+        for p in params:  # the trained adapter is frozen inside the wrapper
+            p.requires_grad_(False)
+            p.grad = None
         log.seconds = time.perf_counter() - t0
         wrapped.floor = wrapped._floor()
         wrapped._fingerprint = None
