@@ -38,7 +38,7 @@ from unlearn.evaluators.image_attacks import (FORGET_SPLITS, EmbeddingInversion,
 from unlearn.evaluators.model_attacks import (ModelAttack, Quantize4bit, Quantize8bit, QuantizeConfig, Relearn,
                                               RelearnConfig, _mean_nll, _Relearn, _trainable_copy, fake_quantize,
                                               quantize_linear_weights_)
-from unlearn.evaluators.optim_attacks import (P4D, ConceptInversion, InversionTokenConfig, RingABell,
+from unlearn.evaluators.optim_attacks import (P4D, P4DK, ConceptInversion, InversionTokenConfig, RingABell,
                                               RingABellConfig, TokenAttackConfig, UnlearnDiffAtk)
 from unlearn.evaluators.text_attacks import (METRICS, REVERSE_TEMPLATES, RWKU_PAPER, InContext, InContextConfig,
                                              JailbreakMC, JailbreakPrefix, JailbreakReverse, JailbreakRoleplay,
@@ -77,6 +77,7 @@ register_attack(Quantize8bit)
 register_attack(Quantize4bit)
 register_attack(UnlearnDiffAtk)
 register_attack(P4D)
+register_attack(P4DK)
 register_attack(RingABell)
 register_attack(ConceptInversion)
 
@@ -257,6 +258,6 @@ __all__ = [
     "ModelAttack", "Relearn", "RelearnConfig", "Quantize8bit", "Quantize4bit", "QuantizeConfig", "fake_quantize",
     "quantize_linear_weights_", "_trainable_copy", "_Relearn", "_mean_nll",
     # image
-    "UnlearnDiffAtk", "P4D", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
+    "UnlearnDiffAtk", "P4D", "P4DK", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
     "InversionTokenConfig", "FORGET_SPLITS", "EmbeddingInversion", "InversionConfig", "image_inputs", "image_scorer",
 ]

@@ -352,6 +352,13 @@ class P4DConfig(TokenAttackConfig):
                 "K = 3); 0: P4D-N (a whole new prompt of `tokens` tokens)"})
 
 
+
+@dataclass
+class P4DKConfig(P4DConfig):
+    insert_every: int = field(default=3, metadata={
+        "help": "K: one learnt token is inserted after every K of the prompt's own tokens (the paper's K = 3; >= 1)"})
+
+
 def _check_token_config(name: str, c: TokenAttackConfig) -> None:
     for key in ("steps", "tokens", "timesteps", "sample_steps"):
         if getattr(c, key) < 1:
@@ -362,6 +369,9 @@ def _check_token_config(name: str, c: TokenAttackConfig) -> None:
         raise ValueError(f"eval.attack_params.{name}.max_prompts={c.max_prompts}: must be >= 0 (0: all)")
     if c.judge_every < 0:
         raise ValueError(f"eval.attack_params.{name}.judge_every={c.judge_every}: must be >= 0 (0: no judge)")
+    if isinstance(c, P4DKConfig) and c.insert_every < 1:
+        raise ValueError(f"eval.attack_params.{name}.insert_every={c.insert_every}: must be >= 1 (p4d_k inserts a "
+                         "token after every K prompt tokens; for P4D-N use the attack p4d)")
     if getattr(c, "insert_every", 0) < 0:
         raise ValueError(f"eval.attack_params.{name}.insert_every={c.insert_every}: must be >= 0 (0: P4D-N)")
 
@@ -801,8 +811,16 @@ class ConceptInversion(Attack):
         return Attacked(model=wrapped, info=info, note=note)
 
 
-OPTIMISATION_ATTACKS = (UnlearnDiffAtk, P4D, RingABell, ConceptInversion)
 
-__all__ = ["UnlearnDiffAtk", "P4D", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
-           "InversionTokenConfig", "P4DConfig", "OPTIMISATION_ATTACKS", "soft_tokens", "nearest_tokens", "prompt_ids",
+class P4DK(P4D):
+    """P4D-K under its own name, so that a run can report it next to P4D-N (``p4d``): the prompt's own
+    tokens stay and one learnt token is inserted after every ``insert_every`` (K, default 3) of them."""
+
+    name = "p4d_k"
+    Config = P4DKConfig
+
+OPTIMISATION_ATTACKS = (UnlearnDiffAtk, P4D, P4DK, RingABell, ConceptInversion)
+
+__all__ = ["UnlearnDiffAtk", "P4D", "P4DK", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
+           "InversionTokenConfig", "P4DConfig", "P4DKConfig", "OPTIMISATION_ATTACKS", "soft_tokens", "nearest_tokens", "prompt_ids",
            "concept_direction", "genetic_search", "optimise_hard_tokens"]

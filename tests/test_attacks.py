@@ -165,12 +165,12 @@ def test_relearn_learning_rate_default_depends_on_the_modality():
 # ------------------------------------------------------------------------------ registry
 def test_registry_holds_every_attack_once():
     names = A.attack_names()
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 15
     assert sorted(names) == A.ATTACKS.names()
     assert A.attack_names("text") == ("paraphrase", "jailbreak_prefix", "jailbreak_roleplay", "jailbreak_reverse",
                                       "jailbreak_mc", "in_context", "relearn", "quantize_8bit", "quantize_4bit")
     assert A.attack_names("image") == ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit",
-                                       "unlearndiffatk", "p4d", "ring_a_bell", "concept_inversion")
+                                       "unlearndiffatk", "p4d", "p4d_k", "ring_a_bell", "concept_inversion")
     for n in ("relearn", "quantize_8bit", "quantize_4bit"):  # one class serves both modalities
         assert A.ATTACKS.get(n).modalities == ("text", "image")
     assert A.ATTACKS.get("relearn") is A.Relearn
@@ -183,7 +183,9 @@ def test_registry_holds_every_attack_once():
 def test_attack_sets_expand_per_modality():
     assert A.ATTACK_SETS["robustness"]["text"] == A.attack_names("text")
     # robustness v1 is fixed; the optimisation attacks came later, in their own set
-    assert A.ATTACK_SETS["robustness"]["image"] + A.ATTACK_SETS["optimisation"]["image"] == A.attack_names("image")
+    # p4d_k (P4D with its K default) came after optimisation v1 and is named on its own
+    assert set(A.attack_names("image")) == {*A.ATTACK_SETS["robustness"]["image"],
+                                            *A.ATTACK_SETS["optimisation"]["image"], "p4d_k"}
     assert A.expand_attack_sets(["robustness"], "image") == list(A.ATTACK_SETS["robustness"]["image"])
     with pytest.raises(ValueError, match="attack set 'optimisation' has no attacks for text models"):
         A.expand_attack_sets(["optimisation"], "text")

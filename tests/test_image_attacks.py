@@ -35,7 +35,7 @@ def zoo_setup():
 
 def test_the_image_attacks_of_the_registry():
     assert attack_names("image") == ("embedding_inversion", "relearn", "quantize_8bit", "quantize_4bit",
-                                     "unlearndiffatk", "p4d", "ring_a_bell", "concept_inversion")
+                                     "unlearndiffatk", "p4d", "p4d_k", "ring_a_bell", "concept_inversion")
 
 
 def test_embedding_inversion_changes_only_prompts_with_the_concept_word(zoo_setup):

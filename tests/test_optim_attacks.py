@@ -248,6 +248,9 @@ def test_p4d_k_inserts_a_learnt_token_after_every_k_prompt_tokens(zoo_setup):
     assert slots0 == [4, 8, 10]  # BOS w1 w2 w3 [s] w4 w5 w6 [s] w7 [s]: after words 3 and 6, and the extra one at the end
     with pytest.raises(ValueError, match="insert_every=-1: must be >= 0"):
         make_attack("p4d", {"insert_every": -1}, modality="image")
+    with pytest.raises(ValueError, match=r"p4d_k.insert_every=0: must be >= 1 .*for P4D-N use the attack p4d"):
+        make_attack("p4d_k", {"insert_every": 0}, modality="image")
+    assert make_attack("p4d_k", modality="image").config.insert_every == 3  # the paper's K
     att = make_attack("p4d", {"steps": 3, "insert_every": 3, "max_prompts": 4, "judge_every": 0},
                       modality="image").attacked(erased, original, image_inputs(data))
     info = att.info
