@@ -7,6 +7,7 @@ accuracies, FID-like, edit/training time and run wall time (a Markdown table).
     .venv/bin/python scripts/image_robustness.py                          # the default methods, seed 0
     .venv/bin/python scripts/image_robustness.py recipes/i2p-tiny-uce.yaml --seeds 0 1 2
     .venv/bin/python scripts/image_robustness.py --set eval.max_items=4 --set eval.sample_steps=2   # smoke
+    .venv/bin/python scripts/image_robustness.py --table runs/a.json runs/b.json   # mean ± std over the seeds stored
 
 Runs go to ``--out/<recipe>-s<seed>`` (overwritten), one CPU thread each. The attacks are the
 sets ``robustness`` and ``optimisation`` (``--attacks`` to change), with their default budgets
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +31,41 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _ms(xs: list, fmt: str = ".2f") -> str:
+    """mean±std of the non-None values (one value as is; none: n/a)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return format(xs[0], fmt)
+    return f"{format(statistics.mean(xs), fmt)}±{format(statistics.stdev(xs), fmt)}"
+
+
+def seed_table(store: dict) -> str:
+    """The Markdown table of the runs in ``store`` (what ``--json`` writes), one row per recipe with
+    mean±std over its seeds: erasure explicit / implicit, retain in-domain / cross-domain, FID-like,
+    each attack's ASR explicit / implicit, edit seconds and run seconds."""
+    by: dict[str, list[dict]] = {}
+    for r in store.values():
+        by.setdefault(r["recipe"], []).append(r)
+    attacks = list(dict.fromkeys(a for rs in by.values() for r in rs for a in r["attacks"]))
+    lines = ["| method (recipe) | seeds | erasure expl / impl | retain in / cross | FID-like | "
+             + " | ".join(f"`{a}`" for a in attacks) + " | edit s | run s |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in attacks) + " | --- | --- |"]
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        cells = []
+        for a in attacks:
+            v = [r["attacks"].get(a) for r in rs]
+            cells.append(" / ".join(_ms([x["asr"].get(sp) if x else None for x in v]) for sp in SPLITS))
+        lines.append(f"| {name} | {' '.join(str(r['seed']) for r in rs)} | "
+                     f"{_ms([r['erasure_explicit'] for r in rs])} / {_ms([r['erasure_implicit'] for r in rs])} | "
+                     f"{_ms([r['retain_in_domain'] for r in rs])} / {_ms([r.get('retain_cross_domain') for r in rs])} | "
+                     f"{_ms([r.get('fid_like') for r in rs], '.0f')} | " + " | ".join(cells)
+                     + f" | {_ms([r.get('edit_seconds') for r in rs], '.1f')} | {_ms([r['wall_seconds'] for r in rs], '.0f')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipes", nargs="*", help="recipe files (default: recipes/i2p-tiny-<method>.yaml that exist)")
@@ -37,7 +74,15 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/unlearn-image-robustness")
     ap.add_argument("--json", default=None, help="write every run's numbers here (appends to an existing file)")
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run (key=value)")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: print the mean±std table of the runs stored in these --json files")
     args = ap.parse_args()
+    if args.table:
+        store = {}
+        for f in args.table:
+            store.update(json.loads(Path(f).read_text()))
+        print(seed_table(store))
+        return
 
     import unlearn
 
