@@ -119,7 +119,7 @@ def test_cli_check_accelerate_config(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- sharded launches
 NEEDS_FULL = {"rmu", "uoe", "needle", "uld", "eco", "safree", "uce", "rece", "esd", "concept_ablation", "advunlearn",
-              "spm", "mace", "nemo"}
+              "spm", "mace", "nemo", "all_but_one"}
 
 
 def test_the_full_parameter_table():

@@ -86,3 +86,7 @@ register_editor(SPM, load_spm)
 from unlearn.editors.nemo import NeMo  # noqa: E402
 
 register_editor(NeMo)
+
+from unlearn.editors.all_but_one import AllButOne  # noqa: E402
+
+register_editor(AllButOne)

@@ -73,15 +73,16 @@ class ConceptAblationConfig(EditorConfig):
                 raise ValueError(f"concept_ablation.{k}={v}: must be a finite number >= 0")
 
 
-def anchor_pairs(data) -> list[tuple[str, str]]:
+def anchor_pairs(data, who: str = "concept_ablation") -> list[tuple[str, str]]:
     """``[(target prompt, anchor prompt)]``: each erase word alone and every distinct explicit forget
-    caption containing it, with the guide word in its place (erase and guide concepts pair up in order)."""
+    caption containing it, with the guide word in its place (erase and guide concepts pair up in order).
+    ``who``: the method named in the errors."""
     erase = [concept_value(c) for c in (getattr(data, "erase", None) or [])]
     guide = [concept_value(c) for c in (getattr(data, "guide", None) or [])]
     if not erase:
-        raise ValueError("concept_ablation needs visual data with erase concepts (task.visual.erase)")
+        raise ValueError(f"{who} needs visual data with erase concepts (task.visual.erase)")
     if len(guide) != len(erase):
-        raise ValueError(f"concept_ablation maps each erase concept onto its anchor: task.visual.guide needs one "
+        raise ValueError(f"{who} maps each erase concept onto its anchor: task.visual.guide needs one "
                          f"concept per erase concept (erase {erase}, guide {guide})")
     pairs = list(zip(erase, guide))
     for cap in dict.fromkeys(it["caption"] for it in data.forget if it.get("phrasing", "explicit") == "explicit"):
