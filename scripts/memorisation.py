@@ -39,14 +39,29 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def rare_words(world, tokenizer) -> list[str]:
+    """Words the tokenizer knows that no training caption of the world uses (sorted).
+
+    The zoo's tokenizer is built over the world's captions *and* prompts, so the words that occur only
+    in description prompts ("tone", "bands", "spots", ...) have embeddings the zoo's training never
+    updated: to the model they are as unseen as a rare name in a web caption."""
+    used = {w for it in world.split("train") for w in it["caption"].split()}
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else dict(tokenizer.vocab)
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    return sorted(w for w in vocab if w.isalpha() and w not in used and w not in special)
+
+
 def memorised_pairs(world, n: int = 4, words: int = 5, seed: int = 0, size: int = 16,
-                    tiles: int = 2) -> tuple[list[str], np.ndarray]:
+                    tiles: int = 2, rare: list[str] | None = None) -> tuple[list[str], np.ndarray]:
     """``n`` unique captions and one image each.
 
     Captions: ``words`` words drawn (with replacement) from the world's *generic* words, the ones that
     occur in captions of every (shape, colour, texture) combination ("a", "picture", "of", "the",
     "shape", ...), in an order no caption of the world has; so the memorised captions share no
     attribute word with ordinary prompts and fine-tuning on them leaves the attribute words alone.
+    With ``rare`` (e.g. ``rare_words(world, tokenizer)``), caption ``i`` puts ``rare[i % len(rare)]`` in
+    place of one generic word, at a random position: like the unique names in memorised web captions,
+    it gives each caption a token ordinary prompts never carry.
     Images: a ``tiles`` x ``tiles`` mosaic of random colours, upsampled to ``size`` -> uint8 ``(n, S, S, 3)``.
     """
     rng = random.Random(f"memorised-{seed}")
@@ -61,8 +76,13 @@ def memorised_pairs(world, n: int = 4, words: int = 5, seed: int = 0, size: int 
         raise ValueError("the world's captions have no word common to every combination")
     existing = {it["caption"] for it in world.items}
     caps: list[str] = []
+    if rare is not None and not rare:
+        raise ValueError("rare=[]: give at least one rare word, or rare=None for generic words only")
     while len(caps) < n:
-        c = " ".join(rng.choice(vocab) for _ in range(words))
+        ws = [rng.choice(vocab) for _ in range(words)]
+        if rare:
+            ws[rng.randrange(words)] = rare[len(caps) % len(rare)]
+        c = " ".join(ws)
         if c not in existing and c not in caps:
             caps.append(c)
     g = np.random.default_rng(seed)
@@ -75,10 +95,14 @@ def memorised_pairs(world, n: int = 4, words: int = 5, seed: int = 0, size: int 
 
 def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int = 300, batch_size: int = 16,
              memorised_per_batch: int = 4, lr: float = 1e-3, uncond_prob: float = 0.1, seed: int = 0,
-             warmup: int = 20, group: str = "unet", ema: float = 0.99) -> dict:
+             warmup: int = 20, group: str = "unet", ema: float = 0.99, memorised_uncond_prob: float = 0.0) -> dict:
     """Fine-tune the UNet in place: each batch holds ``memorised_per_batch`` copies of the memorised
-    (caption, image) pairs (cycled) and world training renders for the rest; captions dropped with
-    ``uncond_prob`` (as in the zoo's training) so classifier-free guidance keeps working; the lr warms
+    (caption, image) pairs (cycled) and world training renders for the rest; the renders' captions
+    dropped with ``uncond_prob`` (as in the zoo's training) so classifier-free guidance keeps working,
+    the memorised pairs' with ``memorised_uncond_prob`` (default 0: here they fill a large share of
+    every batch, in a web dataset a tiny one, and with their captions dropped the *unconditional*
+    model learns to draw them, which no caption-specific neuron can then remove: measured, see
+    docs/editors/nemo.md); the lr warms
     up linearly over ``warmup`` steps. Only the parameter group ``group`` trains; at the end the
     trained weights are replaced by their exponential moving average (decay ``ema``; 0 = off), as
     the zoo's own training does, which keeps the ordinary prompts' fidelity."""
@@ -98,8 +122,8 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
         for step in range(steps):
             items = [dict(mem[(step * memorised_per_batch + k) % len(mem)]) for k in range(memorised_per_batch)]
             items += [dict(train[rng.randrange(len(train))]) for _ in range(batch_size - memorised_per_batch)]
-            for it in items:
-                if rng.random() < uncond_prob:
+            for k, it in enumerate(items):
+                if rng.random() < (memorised_uncond_prob if k < memorised_per_batch else uncond_prob):
                     it["caption"] = ""
             for grp in opt.param_groups:
                 grp["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
@@ -173,12 +197,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", default="unet", help="parameter group the fine-tune trains")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the fine-tuned weights (0 = off)")
     ap.add_argument("--tiles", type=int, default=2, help="the memorised images are tiles x tiles colour mosaics")
+    ap.add_argument("--memorised-uncond-prob", type=float, default=0.0,
+                    help="caption dropout of the memorised pairs (the renders keep the zoo's 0.1)")
+    ap.add_argument("--generic-only", action="store_true",
+                    help="captions of generic words only (default: each caption also carries one rare word)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--memorised-per-batch", type=int, default=4)
     ap.add_argument("--eval-seeds", type=int, default=8, help="generations per memorised caption in the measurement")
     ap.add_argument("--rows", type=int, default=96, help="prompt-table rows for the fidelity measurement")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threshold", type=float, default=0.7, help="nemo.threshold (pixel cosine)")
+    ap.add_argument("--statistic", default="max", choices=("max", "mean"), help="nemo.statistic over the check's seeds")
+    ap.add_argument("--check-seeds", type=int, default=4, help="nemo.seeds: generations per memorisation check")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -196,29 +226,33 @@ def main(argv=None) -> dict:
     data = load_visual()
     world = data.world
     judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
-    caps, imgs = memorised_pairs(world, a.n, seed=a.seed, tiles=a.tiles)
+    target = ImageAdapter.load("zoo:tiny-t2i/target")
+    rare = None if a.generic_only else rare_words(world, target.tokenizer)
+    caps, imgs = memorised_pairs(world, a.n, seed=a.seed, tiles=a.tiles, rare=rare)
     write_memorised(out, caps, imgs)
     table = world.prompt_table()
     rows = table[:: max(1, len(table) // a.rows)][: a.rows]
     seeds = [1000 + s for s in range(a.eval_seeds)]
     res: dict = {"captions": caps, "settings": vars(a)}
+    print("captions", caps, flush=True)
 
     t0 = time.time()
-    target = ImageAdapter.load("zoo:tiny-t2i/target")
     res["target"] = {"near_copy": near_copies(target, caps, imgs, seeds, a.sample_steps, judge),
                      "fidelity": fidelity(target, world, judge, rows, a.sample_steps)}
     print("target", json.dumps({k: v for k, v in res["target"]["near_copy"].items() if k != "per_caption"}),
           res["target"]["fidelity"], flush=True)
     model = target
     res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
-                               memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group, ema=a.ema)
+                               memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group, ema=a.ema,
+                               memorised_uncond_prob=a.memorised_uncond_prob)
     model.save(out / "model")
     res["memorised"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
                         "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
     print("memorise", res["memorise"], flush=True)
     print("memorised", json.dumps({k: v for k, v in res["memorised"]["near_copy"].items() if k != "per_caption"}),
           res["memorised"]["fidelity"], flush=True)
-    ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps))
+    ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps, statistic=a.statistic,
+                         seeds=a.check_seeds))
     r = ed.apply(model, data, EditContext(settings=TrainSettings(), seed=a.seed, progress=False))
     res["nemo"] = {k: r.info[k] for k in ("n_neurons", "neurons", "per_prompt", "edit_seconds")}
     res["after_nemo"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),

@@ -160,3 +160,18 @@ def test_bad_settings_are_named(tiny):
     with pytest.raises(ValueError, match="nemo.memorised is empty"):
         NeMo().apply(ad, None, EditContext(settings=TrainSettings(), progress=False))
     assert EDITORS.get("nemo") is NeMo
+
+
+def test_the_memorisation_statistic_is_the_max_or_the_mean_over_seeds(tiny):
+    from unlearn.editors.nemo import memorisation_score
+
+    ad, _ = tiny
+    seeds = [0, 1, 2]
+    imgs = ad.sample(["a red circle"] * 3, seed=seeds, steps=2)
+    target = imgs[1]  # seed 1's own image: similarity 1 for it, less for the others
+    sims = near_copy_similarity(imgs, target)
+    mx = memorisation_score(ad, "a red circle", target, seeds, steps=2)
+    mean = memorisation_score(ad, "a red circle", target, seeds, steps=2, statistic="mean")
+    assert mx == pytest.approx(1.0, abs=1e-5) and mean == pytest.approx(float(sims.mean()), abs=1e-6) and mean < mx
+    with pytest.raises(ValueError, match="nemo.statistic='median': must be one of max, mean"):
+        NeMoConfig(statistic="median")

@@ -57,6 +57,7 @@ PAPER = ("Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch (2024). Finding Ne
 MEMORISED_JSON = "memorised.json"  # {"captions": [...]} ; images in memorised.safetensors ("images": uint8 (N, S, S, 3))
 MEMORISED_IMAGES = "memorised.safetensors"
 SIMILARITIES = ("pixel", "judge")
+STATISTICS = ("max", "mean")
 
 Neurons = dict[str, list[int]]  # value-layer name -> neuron (output row) indices
 
@@ -76,6 +77,9 @@ class NeMoConfig(EditorConfig):
     seeds: int = field(default=4, metadata={"help": "generations per prompt in the memorisation check (max taken)"})
     sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the check's generations"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance of the check's generations"})
+    statistic: str = field(default="max", metadata={
+        "help": "how the seeds' near-copy similarities combine: max (memorised while any seed draws a near-copy) "
+                "or mean (while the seeds draw near-copies on average)"})
     similarity: str = field(default="pixel", metadata={"help": "pixel (cosine of centred pixels) or judge (cosine of "
                                                                "the judge's features)"})
     reference_prompts: int = field(default=256, metadata={"help": "ordinary prompts that give μ and σ"})
@@ -93,6 +97,8 @@ class NeMoConfig(EditorConfig):
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"nemo.{k}={v!r}: must be an integer >= 1")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"nemo.statistic={self.statistic!r}: must be one of {', '.join(STATISTICS)}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"nemo.similarity={self.similarity!r}: must be one of {', '.join(SIMILARITIES)}")
 
@@ -240,10 +246,14 @@ def near_copy_similarity(images: np.ndarray, target: np.ndarray, judge=None) -> 
 
 
 def memorisation_score(adapter, prompt: str, image: np.ndarray, seeds: list[int], steps: int = 20,
-                       guidance: float = 3.0, judge=None) -> float:
-    """Max over ``seeds`` of the near-copy similarity of the prompt's generations to its training image."""
+                       guidance: float = 3.0, judge=None, statistic: str = "max") -> float:
+    """Max (``statistic="max"``) or mean over ``seeds`` of the near-copy similarity of the prompt's
+    generations to its training image."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic={statistic!r}: must be one of {', '.join(STATISTICS)}")
     imgs = adapter.sample([prompt] * len(seeds), seed=list(seeds), steps=steps, guidance=guidance)
-    return float(near_copy_similarity(imgs, image, judge).max())
+    sims = near_copy_similarity(imgs, image, judge)
+    return float(sims.max() if statistic == "max" else sims.mean())
 
 
 def load_memorised(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -279,12 +289,12 @@ def find_memorisation_neurons(adapter, captions: list[str], images: np.ndarray, 
     seeds = list(range(cfg.seeds))
     per, union = [], {}
     for i, (cap, img) in enumerate(zip(captions, images)):
-        score0 = memorisation_score(adapter, cap, img, seeds, cfg.sample_steps, cfg.guidance, judge)
+        score0 = memorisation_score(adapter, cap, img, seeds, cfg.sample_steps, cfg.guidance, judge, cfg.statistic)
 
         def is_mem(neurons, cap=cap, img=img):
             with mask_value_neurons(adapter, neurons):
                 return memorisation_score(adapter, cap, img, seeds, cfg.sample_steps, cfg.guidance,
-                                          judge) >= cfg.threshold
+                                          judge, cfg.statistic) >= cfg.threshold
 
         if score0 < cfg.threshold:
             per.append({"caption": cap, "memorised": False, "score": round(score0, 4)})
