@@ -132,6 +132,7 @@ def test_deactivating_changes_only_those_rows_and_equals_masking(tiny):
 
 def test_near_copy_similarity_and_the_memorised_files(tmp_path):
     from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.image_models import build_caption_tokenizer
 
     script = _script()
     world = build_visual_world()
@@ -140,6 +141,14 @@ def test_near_copy_similarity_and_the_memorised_files(tmp_path):
     vocab = {w for it in world.items for w in it["caption"].split()}
     assert all(set(c.split()) <= vocab for c in caps)  # the tokenizer knows every word
     assert not {it["caption"] for it in world.items} & set(caps)
+    tok = build_caption_tokenizer([it["caption"] for it in world.items] + ["tone bands"])
+    rare = script.rare_words(world, tok)
+    train_words = {w for it in world.split("train") for w in it["caption"].split()}
+    assert {"bands", "tone"} <= set(rare) and not set(rare) & train_words  # known to the tokenizer, never trained
+    rcaps, _ = script.memorised_pairs(world, 4, seed=0, rare=["bands", "tone"])
+    assert [[w for w in c.split() if w in rare] for c in rcaps] == [["bands"], ["tone"], ["bands"], ["tone"]]
+    with pytest.raises(ValueError, match=r"rare=\[\]: give at least one rare word"):
+        script.memorised_pairs(world, 4, rare=[])
     sims = near_copy_similarity(np.stack([imgs[0], 255 - imgs[0], imgs[1]]), imgs[0])
     assert sims[0] == pytest.approx(1.0, abs=1e-5) and sims[1] == pytest.approx(-1.0, abs=1e-5) and abs(sims[2]) < 0.6
     script.write_memorised(tmp_path, caps, imgs)
