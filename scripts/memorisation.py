@@ -209,6 +209,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threshold", type=float, default=0.7, help="nemo.threshold (pixel cosine)")
     ap.add_argument("--statistic", default="max", choices=("max", "mean"), help="nemo.statistic over the check's seeds")
     ap.add_argument("--check-seeds", type=int, default=4, help="nemo.seeds: generations per memorisation check")
+    ap.add_argument("--theta-min", type=float, default=1.0, help="nemo.theta_min: the lowest z-score threshold tried")
+    ap.add_argument("--from", dest="from_dir", default=None,
+                    help="reuse the memorised model and files of an earlier --out (skip the fine-tune)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -227,8 +230,13 @@ def main(argv=None) -> dict:
     world = data.world
     judge = ImageJudge.load(zoo_path("tiny-t2i/judge"))
     target = ImageAdapter.load("zoo:tiny-t2i/target")
-    rare = None if a.generic_only else rare_words(world, target.tokenizer)
-    caps, imgs = memorised_pairs(world, a.n, seed=a.seed, tiles=a.tiles, rare=rare)
+    if a.from_dir:
+        from unlearn.editors.nemo import load_memorised
+
+        caps, imgs = load_memorised(a.from_dir)
+    else:
+        rare = None if a.generic_only else rare_words(world, target.tokenizer)
+        caps, imgs = memorised_pairs(world, a.n, seed=a.seed, tiles=a.tiles, rare=rare)
     write_memorised(out, caps, imgs)
     table = world.prompt_table()
     rows = table[:: max(1, len(table) // a.rows)][: a.rows]
@@ -241,18 +249,22 @@ def main(argv=None) -> dict:
                      "fidelity": fidelity(target, world, judge, rows, a.sample_steps)}
     print("target", json.dumps({k: v for k, v in res["target"]["near_copy"].items() if k != "per_caption"}),
           res["target"]["fidelity"], flush=True)
-    model = target
-    res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
-                               memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group, ema=a.ema,
-                               memorised_uncond_prob=a.memorised_uncond_prob)
-    model.save(out / "model")
+    if a.from_dir:
+        model = ImageAdapter.load(str(Path(a.from_dir) / "model"))
+        res["memorise"] = {"from": a.from_dir}
+    else:
+        model = target
+        res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
+                                   memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group,
+                                   ema=a.ema, memorised_uncond_prob=a.memorised_uncond_prob)
+        model.save(out / "model")
     res["memorised"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
                         "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
     print("memorise", res["memorise"], flush=True)
     print("memorised", json.dumps({k: v for k, v in res["memorised"]["near_copy"].items() if k != "per_caption"}),
           res["memorised"]["fidelity"], flush=True)
     ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps, statistic=a.statistic,
-                         seeds=a.check_seeds))
+                         seeds=a.check_seeds, theta_min=a.theta_min))
     r = ed.apply(model, data, EditContext(settings=TrainSettings(), seed=a.seed, progress=False))
     res["nemo"] = {k: r.info[k] for k in ("n_neurons", "neurons", "per_prompt", "edit_seconds")}
     res["after_nemo"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),

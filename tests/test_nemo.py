@@ -161,6 +161,9 @@ def test_near_copy_similarity_and_the_memorised_files(tmp_path):
 def test_bad_settings_are_named(tiny):
     with pytest.raises(ValueError, match="nemo.theta_min=6.0 is above nemo.theta_start=5.0"):
         NeMoConfig(theta_min=6.0)
+    with pytest.raises(ValueError, match=r"nemo.theta_min=-1.0: must be a finite number >= 0"):
+        NeMoConfig(theta_min=-1.0)
+    assert NeMoConfig(theta_min=0.0).theta_min == 0.0
     with pytest.raises(ValueError, match="nemo.similarity='sscd': must be one of pixel, judge"):
         NeMoConfig(similarity="sscd")
     with pytest.raises(ValueError, match="nemo.seeds=0: must be an integer >= 1"):

@@ -85,10 +85,13 @@ class NeMoConfig(EditorConfig):
     reference_prompts: int = field(default=256, metadata={"help": "ordinary prompts that give μ and σ"})
 
     def __post_init__(self) -> None:
-        for k in ("theta_start", "theta_min", "theta_step"):
+        for k in ("theta_start", "theta_step"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"nemo.{k}={v}: must be a finite number > 0")
+        if not (math.isfinite(self.theta_min) and self.theta_min >= 0):
+            raise ValueError(f"nemo.theta_min={self.theta_min}: must be a finite number >= 0 (0: every neuron above "
+                             "its mean activation is a candidate)")
         if self.theta_min > self.theta_start:
             raise ValueError(f"nemo.theta_min={self.theta_min} is above nemo.theta_start={self.theta_start}")
         if not -1.0 <= self.threshold <= 1.0:
