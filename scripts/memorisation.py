@@ -15,7 +15,8 @@ It then measures, for the target, the memorised model and the memorised model af
 * fidelity of ordinary prompts: the judge's accuracy (shape, colour, texture, all three) on the
   world's prompt-table rows and the FID-like distance of their generations to held-out renders.
 
-    .venv/bin/python scripts/memorisation.py --out runs/memorisation     # a few CPU minutes on one thread
+    .venv/bin/python scripts/memorisation.py --out runs/memorisation     # about 15 CPU minutes on one thread
+    .venv/bin/python scripts/memorisation.py --from runs/memorisation --out runs/nemo-again --theta-min 0 --ablation
 
 ``runs/memorisation/`` then holds the memorised model (``model/``, safetensors), ``memorised.json``
 + ``memorised.safetensors`` (captions and images, what ``nemo.memorised`` reads) and
@@ -188,30 +189,63 @@ def fidelity(adapter, world, judge, rows: list[dict], steps: int) -> dict:
             "fid_like": round(float(fid), 2)}
 
 
+def ablation_curve(adapter, data, captions, images, seeds: list[int], steps: int,
+                   fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seed: int = 0) -> list[dict]:
+    """How localised is the memorisation? For each memorised caption and fraction f: the near-copy
+    similarity (mean and max over ``seeds``) with the top-f share of every value layer's neurons by the
+    caption's z-score masked, and with a random f share masked (the control)."""
+    from unlearn.editors.nemo import (mask_value_neurons, near_copy_similarity, reference_captions, value_activations,
+                                      z_scores)
+
+    z = z_scores(value_activations(adapter, captions),
+                 value_activations(adapter, reference_captions(data, 256, set(captions))))
+    g = torch.Generator().manual_seed(seed)
+
+    def score(c, img, neurons):
+        with mask_value_neurons(adapter, neurons):
+            sims = near_copy_similarity(adapter.sample([c] * len(seeds), seed=seeds, steps=steps), img)
+        return round(float(sims.mean()), 3), round(float(sims.max()), 3)
+
+    rows = []
+    for i, (c, img) in enumerate(zip(captions, images)):
+        row = {"caption": c, "none": score(c, img, {})}
+        for f in fractions:
+            k = {n: max(1, int(f * v.shape[1])) for n, v in z.items()}
+            top = {n: torch.topk(v[i], k[n]).indices.tolist() for n, v in z.items()}
+            rnd = {n: torch.randperm(v.shape[1], generator=g)[:k[n]].tolist() for n, v in z.items()}
+            row[f"top {f:g}"], row[f"random {f:g}"] = score(c, img, top), score(c, img, rnd)
+        rows.append(row)
+        print("ablation", json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/memorisation")
     ap.add_argument("--n", type=int, default=4, help="memorised captions")
-    ap.add_argument("--steps", type=int, default=500, help="fine-tune steps")
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=1500, help="fine-tune steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--group", default="unet", help="parameter group the fine-tune trains")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the fine-tuned weights (0 = off)")
-    ap.add_argument("--tiles", type=int, default=2, help="the memorised images are tiles x tiles colour mosaics")
+    ap.add_argument("--tiles", type=int, default=4, help="the memorised images are tiles x tiles colour mosaics")
     ap.add_argument("--memorised-uncond-prob", type=float, default=0.0,
                     help="caption dropout of the memorised pairs (the renders keep the zoo's 0.1)")
     ap.add_argument("--generic-only", action="store_true",
                     help="captions of generic words only (default: each caption also carries one rare word)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--memorised-per-batch", type=int, default=4)
+    ap.add_argument("--memorised-per-batch", type=int, default=8)
     ap.add_argument("--eval-seeds", type=int, default=8, help="generations per memorised caption in the measurement")
     ap.add_argument("--rows", type=int, default=96, help="prompt-table rows for the fidelity measurement")
     ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--threshold", type=float, default=0.7, help="nemo.threshold (pixel cosine)")
-    ap.add_argument("--statistic", default="max", choices=("max", "mean"), help="nemo.statistic over the check's seeds")
-    ap.add_argument("--check-seeds", type=int, default=4, help="nemo.seeds: generations per memorisation check")
+    ap.add_argument("--threshold", type=float, default=0.5, help="nemo.threshold (pixel cosine)")
+    ap.add_argument("--statistic", default="mean", choices=("max", "mean"), help="nemo.statistic over the check's seeds")
+    ap.add_argument("--check-seeds", type=int, default=8, help="nemo.seeds: generations per memorisation check")
     ap.add_argument("--theta-min", type=float, default=1.0, help="nemo.theta_min: the lowest z-score threshold tried")
     ap.add_argument("--from", dest="from_dir", default=None,
                     help="reuse the memorised model and files of an earlier --out (skip the fine-tune)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also mask the top / a random 5-100 %% of the value neurons by each caption's z-score and "
+                         "measure the near-copies (how localised the memorisation is)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -263,6 +297,8 @@ def main(argv=None) -> dict:
     print("memorise", res["memorise"], flush=True)
     print("memorised", json.dumps({k: v for k, v in res["memorised"]["near_copy"].items() if k != "per_caption"}),
           res["memorised"]["fidelity"], flush=True)
+    if a.ablation:
+        res["ablation"] = ablation_curve(model, data, caps, imgs, seeds, a.sample_steps, seed=a.seed)
     ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps, statistic=a.statistic,
                          seeds=a.check_seeds, theta_min=a.theta_min))
     r = ed.apply(model, data, EditContext(settings=TrainSettings(), seed=a.seed, progress=False))
