@@ -6,6 +6,7 @@ named, and the recipe runs."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,11 +70,9 @@ def test_only_the_chosen_parameters_train_and_state_is_restored(data):
     assert res.log.steps == 3 and res.info["iterations"] == 3 and res.info["pairs"][0] == ["red", "blue"]
     assert all({"guidance", "preserve"} <= set(h) for h in res.log.history)
     assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags
+    no_guide = SimpleNamespace(erase=["colour:red"], guide=[], forget=[])
     with pytest.raises(ValueError, match="all_but_one maps each erase concept onto its anchor"):
-        from types import SimpleNamespace
-
-        AllButOne().apply(zoo_target(), SimpleNamespace(erase=["colour:red"], guide=[], forget=[]),
-                          EditContext(settings=TrainSettings(max_steps=1), progress=False))
+        AllButOne().apply(zoo_target(), no_guide, EditContext(settings=TrainSettings(max_steps=1), progress=False))
 
 
 def test_the_guidance_term_moves_to_the_surrogate_and_the_unconditional_is_held(data):
