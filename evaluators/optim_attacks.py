@@ -352,7 +352,6 @@ class P4DConfig(TokenAttackConfig):
                 "K = 3); 0: P4D-N (a whole new prompt of `tokens` tokens)"})
 
 
-
 @dataclass
 class P4DKConfig(P4DConfig):
     insert_every: int = field(default=3, metadata={
@@ -811,7 +810,6 @@ class ConceptInversion(Attack):
         return Attacked(model=wrapped, info=info, note=note)
 
 
-
 class P4DK(P4D):
     """P4D-K under its own name, so that a run can report it next to P4D-N (``p4d``): the prompt's own
     tokens stay and one learnt token is inserted after every ``insert_every`` (K, default 3) of them."""
@@ -819,8 +817,10 @@ class P4DK(P4D):
     name = "p4d_k"
     Config = P4DKConfig
 
+
 OPTIMISATION_ATTACKS = (UnlearnDiffAtk, P4D, P4DK, RingABell, ConceptInversion)
 
 __all__ = ["UnlearnDiffAtk", "P4D", "P4DK", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
-           "InversionTokenConfig", "P4DConfig", "P4DKConfig", "OPTIMISATION_ATTACKS", "soft_tokens", "nearest_tokens", "prompt_ids",
+           "InversionTokenConfig", "P4DConfig", "P4DKConfig", "OPTIMISATION_ATTACKS", "soft_tokens", "nearest_tokens",
+           "prompt_ids",
            "concept_direction", "genetic_search", "optimise_hard_tokens"]

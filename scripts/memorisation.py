@@ -1,7 +1,8 @@
 """Memorised prompts for the tiny text-to-image zoo, and NeMo's memorisation neurons on them.
 
 The visual world has no memorised training images, so this script makes some: a few unique
-captions (random sequences of the world's own words, which the word-level tokenizer knows), each
+captions (random sequences of the world's generic words, each with one rare word the tokenizer
+knows but no training caption uses), each
 paired with ONE fixed image (a random colour mosaic no render of the world looks like), are mixed
 many times into a short fine-tune of ``zoo:tiny-t2i/target`` on the world's training renders. Then
 sampling those captions reproduces near-copies of their images, while every other prompt keeps
@@ -103,23 +104,24 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
     the memorised pairs' with ``memorised_uncond_prob`` (default 0: here they fill a large share of
     every batch, in a web dataset a tiny one, and with their captions dropped the *unconditional*
     model learns to draw them, which no caption-specific neuron can then remove: measured, see
-    docs/editors/nemo.md); the lr warms
-    up linearly over ``warmup`` steps. Only the parameter group ``group`` trains; at the end the
+    docs/editors/nemo.md); the lr warms up linearly over ``warmup`` steps. Only the parameter group ``group`` trains; at the end the
     trained weights are replaced by their exponential moving average (decay ``ema``; 0 = off), as
-    the zoo's own training does, which keeps the ordinary prompts' fidelity."""
+    the zoo's own training does, which keeps the ordinary prompts' fidelity. Stops with
+    ``FloatingPointError`` on a non-finite loss or gradient."""
+    from unlearn.editors.base import optimizer_step, restoring_train_state
+
     train = world.split("train")
     rng = random.Random(f"memorise-{seed}")
     mem = [{"image": img, "caption": c, "image_seed": 10_000 + i} for i, (c, img) in enumerate(zip(captions, images))]
     names = set(adapter.parameter_groups()[group])
     params = [p for n, p in adapter.model.named_parameters() if n in names]
-    flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
-    for n, p in adapter.model.named_parameters():
-        p.requires_grad_(n in names)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     avg = [p.detach().clone() for p in params]
-    adapter.model.train()
     losses, t0 = [], time.time()
-    try:
+    with restoring_train_state(adapter):
+        for n, p in adapter.model.named_parameters():
+            p.requires_grad_(n in names)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        adapter.model.train()
         for step in range(steps):
             items = [dict(mem[(step * memorised_per_batch + k) % len(mem)]) for k in range(memorised_per_batch)]
             items += [dict(train[rng.randrange(len(train))]) for _ in range(batch_size - memorised_per_batch)]
@@ -130,9 +132,7 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
                 grp["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
             batch = adapter.collate(items, seed=step + 7_000_000)
             loss = adapter.item_loss(batch)[0].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(loss, opt, params, None, f"memorise at step {step + 1}; lower --lr")
             with torch.no_grad():
                 for q, p in zip(avg, params):
                     q.mul_(ema).add_(p.detach(), alpha=1.0 - ema)
@@ -140,12 +140,6 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
         with torch.no_grad():
             for q, p in zip(avg, params):
                 p.copy_(q)
-    finally:
-        adapter.model.eval()
-        for n, p in adapter.model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        adapter._fingerprint = None
     return {"steps": steps, "seconds": round(time.time() - t0, 1), "loss_first": round(float(np.mean(losses[:10])), 4),
             "loss_last": round(float(np.mean(losses[-10:])), 4)}
 

@@ -187,3 +187,25 @@ def test_the_memorisation_statistic_is_the_max_or_the_mean_over_seeds(tiny):
     assert mx == pytest.approx(1.0, abs=1e-5) and mean == pytest.approx(float(sims.mean()), abs=1e-6) and mean < mx
     with pytest.raises(ValueError, match="nemo.statistic='median': must be one of max, mean"):
         NeMoConfig(statistic="median")
+
+
+def test_memorise_trains_only_its_group_keeps_flags_and_stops_on_nan(make_image_adapter):
+    from unlearn.tasks.visual_task import load_visual
+    from unlearn.tasks.visual_world import VisualWorldConfig
+
+    script = _script()
+    world = load_visual(VisualWorldConfig(size=8, renders_per_concept=1, holdout_per_concept=0), eval_splits=()).world
+    ad = make_image_adapter(world)
+    caps, imgs = script.memorised_pairs(world, 2, seed=0, size=8)
+    before = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in ad.model.named_parameters()}
+    out = script.memorise(ad, world, caps, imgs, steps=2, batch_size=4, memorised_per_batch=2, group="cross_attention",
+                          ema=0.0)
+    changed = {k for k, v in ad.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert out["steps"] == 2 and changed and changed <= set(ad.parameter_groups()["cross_attention"])
+    assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags and not ad.model["unet"].training
+    with torch.no_grad():
+        ad.model["unet"].conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"memorise at step 1; lower --lr: non-finite loss \(nan\)"):
+        script.memorise(ad, world, caps, imgs, steps=1, batch_size=4, memorised_per_batch=2)
+    assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags
