@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,13 +31,9 @@ def _f(x) -> str:
 
 
 def _ms(xs: list, fmt: str = ".2f") -> str:
-    """mean±std of the non-None values (one value as is; none: n/a)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)}±{format(statistics.stdev(xs), fmt)}"
+    from unlearn.report import mean_std
+
+    return mean_std(xs, fmt, sep="±")
 
 
 def seed_table(store: dict) -> str:

@@ -191,8 +191,8 @@ def ablation_curve(adapter, data, captions, images, seeds: list[int], steps: int
     from unlearn.editors.nemo import (mask_value_neurons, near_copy_similarity, reference_captions, value_activations,
                                       z_scores)
 
-    z = z_scores(value_activations(adapter, captions),
-                 value_activations(adapter, reference_captions(data, 256, set(captions))))
+    z = z_scores(value_activations(adapter, captions, tokens="prompt"),
+                 value_activations(adapter, reference_captions(data, 256, set(captions)), tokens="prompt"))
     g = torch.Generator().manual_seed(seed)
 
     def score(c, img, neurons):
@@ -231,10 +231,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-seeds", type=int, default=8, help="generations per memorised caption in the measurement")
     ap.add_argument("--rows", type=int, default=96, help="prompt-table rows for the fidelity measurement")
     ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--threshold", type=float, default=0.5, help="nemo.threshold (pixel cosine)")
-    ap.add_argument("--statistic", default="mean", choices=("max", "mean"), help="nemo.statistic over the check's seeds")
-    ap.add_argument("--check-seeds", type=int, default=8, help="nemo.seeds: generations per memorisation check")
-    ap.add_argument("--theta-min", type=float, default=1.0, help="nemo.theta_min: the lowest z-score threshold tried")
+    ap.add_argument("--check", default="noise", choices=("noise", "sample"),
+                    help="nemo.check: the paper's first-step noise SSIM, or the near-copy similarity of generations")
+    ap.add_argument("--layers", default="down_mid", choices=("down_mid", "all"), help="nemo.layers searched")
+    ap.add_argument("--ssim-threshold", type=float, default=0.428, help="nemo.ssim_threshold (check noise)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="nemo.threshold (check sample; pixel cosine)")
+    ap.add_argument("--statistic", default="mean", choices=("max", "mean"),
+                    help="nemo.statistic over the check's seeds (check sample)")
+    ap.add_argument("--check-seeds", type=int, default=10, help="nemo.seeds: start noises / generations per check")
+    ap.add_argument("--theta-min", type=float, default=1.0, help="nemo.theta_min: the lowest |z| threshold tried")
     ap.add_argument("--from", dest="from_dir", default=None,
                     help="reuse the memorised model and files of an earlier --out (skip the fine-tune)")
     ap.add_argument("--ablation", action="store_true",
@@ -293,7 +298,8 @@ def main(argv=None) -> dict:
           res["memorised"]["fidelity"], flush=True)
     if a.ablation:
         res["ablation"] = ablation_curve(model, data, caps, imgs, seeds, a.sample_steps, seed=a.seed)
-    ed = NeMo(NeMoConfig(memorised=str(out), threshold=a.threshold, sample_steps=a.sample_steps, statistic=a.statistic,
+    ed = NeMo(NeMoConfig(memorised=str(out), check=a.check, layers=a.layers, ssim_threshold=a.ssim_threshold,
+                         threshold=a.threshold, sample_steps=a.sample_steps, statistic=a.statistic,
                          seeds=a.check_seeds, theta_min=a.theta_min))
     r = ed.apply(model, data, EditContext(settings=TrainSettings(), seed=a.seed, progress=False))
     res["nemo"] = {k: r.info[k] for k in ("n_neurons", "neurons", "per_prompt", "edit_seconds")}

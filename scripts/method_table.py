@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import statistics
 import time
 from pathlib import Path
 
 
-def _ms(xs: list, fmt: str) -> str:
-    """mean ± std of the non-None values (one value as is; none: n/a)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
+def _ms(xs: list, fmt: str = ".2f") -> str:
+    from unlearn.report import mean_std
+
+    return mean_std(xs, fmt, sep=" ± ")
 
 
 def main() -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
+from unlearn.report import mean_std
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("image_robustness_script", ROOT / "scripts" / "image_robustness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("image_robustness")
 
 
 def _run(recipe, seed, e, asr, wall):
@@ -30,3 +26,8 @@ def test_the_seed_table_gives_mean_and_std_per_recipe():
     assert a == ("| a | 0 1 | 0.75±0.35 / 1.00±0.00 | 1.00±0.00 / n/a | 300±1 | 0.50±0.35 / 0.00±0.00 | 2.0±0.0 | "
                  "15±7 |")
     assert b == "| b | 0 | 0.90 / 1.00 | 1.00 / n/a | 300 | 0.10 / 0.00 | 2.0 | 7 |"
+
+
+def test_mean_std_formats_the_non_missing_values():
+    assert mean_std([1.0, None, 3.0], ".1f") == "2.0 ± 1.4"  # sample std of (1, 3) = √2
+    assert mean_std([0.5], ".2f", sep="±") == "0.50" and mean_std([None]) == "n/a" and mean_std([]) == "n/a"

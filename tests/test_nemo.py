@@ -1,30 +1,23 @@
-"""NeMo (unlearn/editors/nemo.py): activations and z-scores by hand, the search finds exactly the
-planted neurons, masking equals zeroing the rows and only those rows change, the memorised-pairs
+"""NeMo (unlearn/editors/nemo.py): activations, z-scores and SSIM by hand, the search (|z| and top-k)
+finds exactly the planted neurons, the noise check is the first step's prediction, masking equals zeroing the rows and only those rows change, the memorised-pairs
 files (scripts/memorisation.py) and the checked settings."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from _scripts import load_script
 
 from unlearn.editors import EDITORS, EditContext
-from unlearn.editors.nemo import (NeMo, NeMoConfig, deactivate, load_memorised, mask_value_neurons,
-                                  near_copy_similarity, outliers, search_neurons, value_activations, value_layers,
-                                  z_scores)
+from unlearn.editors.nemo import (NeMo, NeMoConfig, candidates, deactivate, first_step_noise_diff, load_memorised,
+                                  mask_value_neurons, max_pairwise_ssim, near_copy_similarity, outliers, prompt_check,
+                                  search_neurons, ssim, value_activations, value_layers, z_scores)
 from unlearn.trainer import TrainSettings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("memorisation_script", ROOT / "scripts" / "memorisation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("memorisation")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,8 @@ def tiny():
 def test_value_activations_equal_the_hand_computation(tiny):
     ad, _ = tiny
     prompts = ["a red circle", "a picture of a blue square"]
-    acts = value_activations(ad, prompts)
+    acts = value_activations(ad, prompts, tokens="prompt")
+    every = value_activations(ad, prompts)  # tokens="all": every position of the padded sequence (official)
     layers = value_layers(ad.unet)
     assert set(acts) == set(layers) and all(a.shape == (2, layers[n].out_features) for n, a in acts.items())
     ids = ad.tokenize(prompts)
@@ -55,35 +49,106 @@ def test_value_activations_equal_the_hand_computation(tiny):
             t = len(p.split()) + 2  # BOS, the words, EOS
             want = (emb[b, :t] @ lin.weight.detach().T).abs().mean(0)
             torch.testing.assert_close(acts[n][b], want, rtol=1e-5, atol=1e-6)
+            want = (emb[b] @ lin.weight.detach().T).abs().mean(0)
+            torch.testing.assert_close(every[n][b], want, rtol=1e-5, atol=1e-6)
+    down_mid = value_layers(ad.unet, "down_mid")
+    assert down_mid and set(down_mid) < set(layers) and all(n.startswith(("down_blocks.", "mid_block."))
+                                                             for n in down_mid)
+    assert set(value_activations(ad, prompts, layers="down_mid")) == set(down_mid)
     ref = {n: torch.tensor([[1.0, 2.0], [3.0, 6.0]]) for n in ["l"]}
     z = z_scores({"l": torch.tensor([[2.0, 4.0 + 3 * 8 ** 0.5]])}, ref)  # μ = (2, 4), σ = (√2, √8)
     torch.testing.assert_close(z["l"], torch.tensor([[0.0, 3.0]]))
 
 
 def test_search_finds_exactly_the_planted_neurons():
-    """Planted: neurons 1 and 4 of layer A and 2 of layer B carry the memorisation (it is gone only
-    when all three are off); layer A's neuron 0 is a larger outlier that does not matter, and
-    layer C's neuron 3 a smaller one."""
+    """Planted: neurons 1 and 4 of layer A and 2 of layer B carry the memorisation (score 1 until all
+    three are off, then 0); layer A's neuron 0 is a larger outlier that does not matter, layer C's
+    neuron 3 a smaller one, and A's neuron 3 a negative outlier (|z| counts)."""
     planted = {("A", 1), ("A", 4), ("B", 2)}
-    z = {"A": torch.tensor([5.5, 6.0, 0.1, -1.0, 4.6, 0.0]), "B": torch.tensor([0.0, 1.0, 3.2, 0.0]),
+    z = {"A": torch.tensor([5.5, 6.0, 0.1, -3.6, 4.6, 0.0]), "B": torch.tensor([0.0, 1.0, 3.2, 0.0]),
          "C": torch.tensor([0.0, 0.0, 0.0, 3.1])}
+    acts = {n: torch.zeros_like(v) for n, v in z.items()}
     calls = []
 
-    def is_memorised(neurons):
+    def score(neurons):
         calls.append(neurons)
         off = {(n, j) for n, idx in neurons.items() for j in idx}
-        return not planted <= off
+        return 0.0 if planted <= off else 1.0
 
-    r = search_neurons(z, is_memorised, NeMoConfig())
-    assert r["neurons"] == {"A": [1, 4], "B": [2]}
-    assert r["theta"] == 3.0 and r["initial"] == 5  # z > 3: A0, A1, A4, B2, C3
-    assert r["checks"] == len(calls)
-    assert outliers(z, 5.0) == {"A": [0, 1]}
-    # without refinement the distractors stay; with nothing that helps the search gives up
-    assert NeMoConfig(refine=False) and search_neurons(z, is_memorised, NeMoConfig(refine=False))["neurons"] == {
-        "A": [0, 1, 4], "B": [2], "C": [3]}
-    none = search_neurons(z, lambda n: True, NeMoConfig())
-    assert none["neurons"] == {} and none["theta"] is None
+    cfg = NeMoConfig(top_k=False, theta_step=0.5, ssim_threshold=0.5)
+    r = search_neurons(z, acts, score, cfg)
+    assert r["neurons"] == {"A": [1, 4], "B": [2]} and r["removed"] and r["score"] == 0.0
+    assert r["theta"] == 3.0 and r["k"] == 4 and r["initial"] == 6  # |z| > 3: A0, A1, A3, A4, B2, C3
+    assert r["checks"] == len(calls) and calls[0] == {"A": [0, 1]}  # θ = 5 first
+    assert outliers(z, 3.5) == {"A": [0, 1, 3, 4]}
+    # without refinement the distractors stay
+    assert search_neurons(z, acts, score, NeMoConfig(top_k=False, theta_step=0.5, refine=False, ssim_threshold=0.5)
+                          )["neurons"] == {"A": [0, 1, 3, 4], "B": [2], "C": [3]}
+    # top-k: each layer's k most active neurons join at step k (k = 0 at θ = 5); B's neuron 2 is the most active
+    # of B, so with its z lowered below every θ it is still found, at the second step
+    z2 = {**z, "B": torch.tensor([0.0, 1.0, 0.5, 0.0])}
+    acts2 = {**acts, "B": torch.tensor([0.1, 0.2, 9.0, 0.3])}
+    assert candidates(z2, acts2, 4.75, 1)["B"] == [2]
+    assert search_neurons(z2, acts2, score, NeMoConfig(top_k=False, ssim_threshold=0.5))["removed"] is False
+    r2 = search_neurons(z2, acts2, score, NeMoConfig(ssim_threshold=0.5))
+    assert r2["removed"] and r2["theta"] == 4.5 and r2["k"] == 2 and r2["neurons"] == {"A": [1, 4], "B": [2]}
+    # nothing helps: `keep` refines the last (largest) set against its own score; `drop` gives up
+    keep = search_neurons(z, acts, lambda n: 1.0, cfg)
+    assert not keep["removed"] and keep["theta"] == 1.0 and keep["score"] == 1.0
+    assert keep["neurons"] == outliers(z, 1.0)  # no layer or neuron can go back on: the score never drops below 1
+    drop = search_neurons(z, acts, lambda n: 1.0, NeMoConfig(top_k=False, theta_step=0.5, on_failure="drop"))
+    assert drop["neurons"] == {} and drop["theta"] is None and not drop["removed"]
+
+
+def test_ssim_equals_the_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 5, 5, generator=g), torch.rand(2, 3, 5, 5, generator=g)
+    torch.testing.assert_close(ssim(a, a), torch.ones(2))
+    # a 5 x 5 image and a 5-wide window: one position, the Gaussian-weighted statistics of the whole image
+    x = torch.arange(5, dtype=torch.float64) - 2
+    w = torch.exp(-x ** 2 / (2 * 1.5 ** 2))
+    w = (w[:, None] * w[None, :]) / (w.sum() ** 2)
+    want = []
+    for i in range(2):
+        per = []
+        for c in range(3):
+            p, q = a[i, c].double(), b[i, c].double()
+            mp, mq = (w * p).sum(), (w * q).sum()
+            vp, vq, cv = (w * p * p).sum() - mp ** 2, (w * q * q).sum() - mq ** 2, (w * p * q).sum() - mp * mq
+            per.append(((2 * mp * mq + 1e-4) * (2 * cv + 9e-4)) / ((mp ** 2 + mq ** 2 + 1e-4) * (vp + vq + 9e-4)))
+        want.append(sum(per) / 3)
+    torch.testing.assert_close(ssim(a, b), torch.tensor(want, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ssim needs two"):
+        ssim(a, b[:1])
+    d = torch.stack([a[0], a[0], b[0]])  # seeds 0 and 1 agree
+    best = max_pairwise_ssim(d)
+    torch.testing.assert_close(best[:2], torch.ones(2))
+    assert best[2] == pytest.approx(float(ssim(a[:1], b[:1])), abs=1e-6)  # its best partner: either copy of a[0]
+
+
+def test_the_noise_check_is_the_first_steps_prediction(tiny):
+    """d = ε(x_T, c) − x_T at the first DDIM step, min-max scaled; the score with nothing masked is
+    SSIM(d, d) = 1 on the memorised seeds, and masking every value neuron changes it."""
+    from diffusers import DDIMScheduler
+
+    ad, _ = tiny
+    d = first_step_noise_diff(ad, "a red circle", [3, 4], steps=5)
+    ddim = DDIMScheduler.from_config(ad.scheduler.config)
+    ddim.set_timesteps(5)
+    x = torch.stack([torch.randn(ad.noise_shape, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    with torch.no_grad():
+        cond = ad.encode_prompts(ad.tokenize(["a red circle"] * 2))
+        raw = ad.noise_pred(x, torch.full((2,), int(ddim.timesteps[0])), cond) - x
+    lo, hi = raw.amin((2, 3), keepdim=True), raw.amax((2, 3), keepdim=True)
+    torch.testing.assert_close(d, (raw - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
+    assert d.shape == (2, *ad.noise_shape) and float(d.min()) == 0.0 and float(d.max()) == pytest.approx(1.0)
+    cfg = NeMoConfig(seeds=4, sample_steps=5, ssim_threshold=-1.0)  # every seed counts as memorised
+    rec, score = prompt_check(ad, "a red circle", None, cfg)
+    assert rec["memorised"] and rec["memorised_seeds"] == 4
+    assert score({}) == pytest.approx(1.0, abs=1e-6)
+    assert score({n: list(range(m.out_features)) for n, m in value_layers(ad.unet).items()}) < 0.999
+    rec, _ = prompt_check(ad, "a red circle", None, NeMoConfig(seeds=4, sample_steps=5, ssim_threshold=1.0))
+    assert not rec["memorised"] and rec["memorised_seeds"] == 0
 
 
 def test_planted_outlier_neurons_are_found_on_a_model(tiny):
@@ -101,7 +166,7 @@ def test_planted_outlier_neurons_are_found_on_a_model(tiny):
             layers[name].weight[j] += 20.0 * u / u.norm()
     ref = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")]
     ref += [f"a {t} {c} {s}" for t in ("solid", "striped") for c in ("red", "blue") for s in ("circle", "cross")]
-    z = z_scores(value_activations(ad, [mem]), value_activations(ad, ref))
+    z = z_scores(value_activations(ad, [mem], tokens="prompt"), value_activations(ad, ref, tokens="prompt"))
     top = outliers({n: v[0] for n, v in z.items()}, 5.0)
     assert name in top and {2, 5} <= set(top[name]), top
 
@@ -168,6 +233,15 @@ def test_bad_settings_are_named(tiny):
         NeMoConfig(similarity="sscd")
     with pytest.raises(ValueError, match="nemo.seeds=0: must be an integer >= 1"):
         NeMoConfig(seeds=0)
+    with pytest.raises(ValueError, match="nemo.seeds=1: check noise compares seeds with each other"):
+        NeMoConfig(seeds=1)
+    assert NeMoConfig(seeds=1, check="sample").seeds == 1
+    for key, bad, allowed in (("check", "ssim", "noise, sample"), ("layers", "up", "down_mid, all"),
+                              ("tokens", "eos", "all, prompt"), ("on_failure", "raise", "keep, drop")):
+        with pytest.raises(ValueError, match=f"nemo.{key}='{bad}': must be one of {allowed}"):
+            NeMoConfig(**{key: bad})
+    with pytest.raises(ValueError, match="nemo.ssim_threshold=2.0: an SSIM"):
+        NeMoConfig(ssim_threshold=2.0)
     ad, _ = tiny
     with pytest.raises(ValueError, match="nemo.memorised is empty"):
         NeMo().apply(ad, None, EditContext(settings=TrainSettings(), progress=False))

@@ -35,6 +35,20 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def mean_std(xs: list, spec: str = ".2f", sep: str = " ± ") -> str:
+    """``mean<sep>std`` (sample std) of the non-None values, each formatted with ``spec``; one value
+    as is; none: ``n/a``. The seed tables of ``scripts/method_table.py`` and
+    ``scripts/image_robustness.py`` use it."""
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return format(xs[0], spec)
+    return f"{format(statistics.mean(xs), spec)}{sep}{format(statistics.stdev(xs), spec)}"
+
+
 def plt():
     """matplotlib.pyplot with the Agg backend (no display needed)."""
     import matplotlib

@@ -3,37 +3,52 @@ images, and deactivate them.
 
 Paper: Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch (2024), "Finding NeMo: Localizing
 Neurons Responsible for Memorization in Diffusion Models", NeurIPS 2024, arXiv:2406.02366.
+The search follows the official code (``ml-research/localizing_memorization_in_diffusion_models``).
 
 A cross-attention value layer ``W_v`` (``attn2.to_v``, ``(d_out, d)``) sees only the text: for a
-prompt with token embeddings ``c_1 .. c_T`` (``d`` each, up to its first EOS) the activation of
+prompt with token embeddings ``c_1 .. c_T`` (the text encoder's output at every position of the
+padded sequence, ``tokens: all``; or up to the first EOS, ``tokens: prompt``) the activation of
 neuron ``j`` is
 
-    a_j(p) = mean_t |(W_v c_t)_j|.
+    a_j(p) = mean_t |(W_v c_t + b)_j|.
 
 With ``μ_j``, ``σ_j`` the mean and standard deviation of ``a_j`` over ordinary (non-memorised)
-prompts, neuron ``j`` is an outlier for a memorised prompt ``p`` when its z-score
+prompts, neuron ``j`` is an outlier for a memorised prompt ``p`` when
 
-    z_j(p) = (a_j(p) − μ_j) / σ_j  >  θ.
+    |z_j(p)| = |a_j(p) − μ_j| / σ_j  >  θ.
 
-Per memorised prompt: (1) *initial selection*: θ runs from ``theta_start`` (5) down to
-``theta_min`` (1) in ``theta_step`` steps until deactivating every neuron with ``z > θ`` (in all
-value layers) removes the memorisation; (2) *refinement*: each layer's neurons are switched back
-on as a group, and the group stays on if the memorisation stays removed; then each remaining
-neuron alone, likewise. The union over the memorised prompts is deactivated: the neurons' rows of
-``W_v`` (and bias entries) are set to zero, which is exactly what masking the neurons' outputs at
-inference does (``mask_value_neurons`` gives the masked model without editing it).
+Per memorised prompt, over the value layers of the down and mid blocks (``layers: down_mid``, as
+the official code; ``all`` adds the up blocks):
 
-Memorisation check: a prompt is memorised when the maximum over ``seeds`` generations of the
-near-copy similarity to its training image is at least ``threshold``. Similarity is the cosine of
-the mean-centred pixels (``similarity: pixel``), or of the judge's penultimate features
-(``judge``, when the data carries a judge): SSCD's role in the paper (threshold 0.7 on SSCD
-embeddings there), with the tiny world's own encoders.
+1. *Initial selection*: θ runs from ``theta_start`` (5) down to ``theta_min`` (1) in steps of
+   ``theta_step`` (0.25) while k runs 0, 1, 2, ...; the candidates are the outliers ``|z| > θ`` plus
+   each layer's k neurons of highest activation ``a_j(p)`` (``top_k``). The first set whose
+   deactivation removes the memorisation is kept. When none down to ``theta_min`` does, the last
+   (largest) set is kept and the refinement's threshold becomes that set's score, as in the
+   official code (``on_failure: keep``; ``drop``: give up on the prompt).
+2. *Refinement*: each layer's candidates are switched back on as a group and stay on if the
+   memorisation stays removed; then each remaining neuron alone, likewise.
 
-Deviations: the paper's fast check during the search compares the first denoising step's noise
-predictions across seeds (SSIM); here the check samples and measures the near-copy similarity
-directly (cheap at 16 x 16). The paper also adds each layer's top-k absolute activations to the
-initial selection; here the z-score alone selects. Reference prompts are the world's captions
-instead of LAION prompts.
+The union over the memorised prompts is deactivated: the neurons' rows of ``W_v`` (and bias
+entries) are set to zero, which is exactly what masking the neurons' outputs at inference does
+(``mask_value_neurons`` gives the masked model without editing it).
+
+Memorisation check (``check``):
+
+* ``noise`` (the paper's): the first DDIM step's conditional noise prediction minus the start
+  noise, ``d = ε_θ(x_T, c) − x_T``, min-max scaled per image and channel, for ``seeds`` start noises.
+  The memorised seeds are those whose ``d`` has an SSIM above ``ssim_threshold`` (0.428) with
+  another seed's. The memorisation counts as removed when, for every memorised seed, the SSIM
+  between ``d`` with the neurons deactivated and ``d`` without is below ``ssim_threshold``.
+* ``sample``: a prompt is memorised when the max (or mean, ``statistic``) over ``seeds``
+  generations of the near-copy similarity to its training image is at least ``threshold``:
+  the cosine of the mean-centred pixels (``similarity: pixel``) or of the judge's penultimate
+  features (``judge``), SSCD's role in the paper, with the tiny world's own encoders.
+
+Deviations: the official code uses multi-scale SSIM (3 scales, 11 x 11 window); at the tiny
+world's 16 x 16 a single-scale SSIM with a Gaussian window (σ 1.5, at most 11 wide) is used. The
+official loop stops after evaluating θ = 1.25 (it breaks when θ reaches 1); here θ = ``theta_min``
+is evaluated too. Reference prompts are the world's captions instead of LAION prompts.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unlearn.adapters.base import ImageModel
 from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult
@@ -56,32 +72,48 @@ PAPER = ("Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch (2024). Finding Ne
          "for Memorization in Diffusion Models. NeurIPS 2024, arXiv:2406.02366")
 MEMORISED_JSON = "memorised.json"  # {"captions": [...]} ; images in memorised.safetensors ("images": uint8 (N, S, S, 3))
 MEMORISED_IMAGES = "memorised.safetensors"
+CHECKS = ("noise", "sample")
 SIMILARITIES = ("pixel", "judge")
 STATISTICS = ("max", "mean")
+LAYERS = ("down_mid", "all")
+TOKENS = ("all", "prompt")
+ON_FAILURE = ("keep", "drop")
 
 Neurons = dict[str, list[int]]  # value-layer name -> neuron (output row) indices
 
 
 @dataclass
 class NeMoConfig(EditorConfig):
-    """Hyper-parameters of NeMo's search."""
+    """Hyper-parameters of NeMo's search (defaults: the official code's)."""
 
     memorised: str = field(default="", metadata={
         "help": "directory with memorised.json (captions) and memorised.safetensors (their training images)"})
-    theta_start: float = field(default=5.0, metadata={"help": "first z-score threshold of the initial selection"})
+    check: str = field(default="noise", metadata={
+        "help": "memorisation check: noise (the paper's: SSIM of the first step's noise predictions) or sample "
+                "(near-copy similarity of full generations to the training image)"})
+    theta_start: float = field(default=5.0, metadata={"help": "first |z| threshold of the initial selection"})
     theta_min: float = field(default=1.0, metadata={"help": "lowest threshold tried"})
-    theta_step: float = field(default=0.5, metadata={"help": "threshold decrement"})
+    theta_step: float = field(default=0.25, metadata={"help": "threshold decrement per step"})
+    top_k: bool = field(default=True, metadata={"help": "add each layer's k most active neurons, k = 0, 1, 2, ... "
+                                                        "along the threshold steps"})
     refine: bool = field(default=True, metadata={"help": "refine the selection (layers, then single neurons)"})
-    threshold: float = field(default=0.7, metadata={"help": "near-copy similarity at or above which a prompt is "
-                                                            "memorised"})
-    seeds: int = field(default=4, metadata={"help": "generations per prompt in the memorisation check (max taken)"})
-    sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the check's generations"})
-    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance of the check's generations"})
+    on_failure: str = field(default="keep", metadata={
+        "help": "when no threshold removes the memorisation: keep the last set and refine against its score "
+                "(official) or drop the prompt"})
+    layers: str = field(default="down_mid", metadata={"help": "value layers searched: down_mid (official) or all"})
+    tokens: str = field(default="all", metadata={"help": "activation averaged over all positions of the padded "
+                                                         "sequence (official) or the prompt's tokens up to its EOS"})
+    seeds: int = field(default=10, metadata={"help": "start noises (noise) or generations (sample) per check"})
+    ssim_threshold: float = field(default=0.428, metadata={"help": "check noise: SSIM below which the memorisation "
+                                                                   "counts as removed"})
+    threshold: float = field(default=0.7, metadata={"help": "check sample: near-copy similarity at or above which a "
+                                                            "prompt is memorised"})
+    sample_steps: int = field(default=20, metadata={"help": "DDIM steps (check noise uses the first)"})
+    guidance: float = field(default=3.0, metadata={"help": "check sample: classifier-free guidance"})
     statistic: str = field(default="max", metadata={
-        "help": "how the seeds' near-copy similarities combine: max (memorised while any seed draws a near-copy) "
-                "or mean (while the seeds draw near-copies on average)"})
-    similarity: str = field(default="pixel", metadata={"help": "pixel (cosine of centred pixels) or judge (cosine of "
-                                                               "the judge's features)"})
+        "help": "check sample: how the seeds' near-copy similarities combine, max or mean"})
+    similarity: str = field(default="pixel", metadata={"help": "check sample: pixel (cosine of centred pixels) or "
+                                                               "judge (cosine of the judge's features)"})
     reference_prompts: int = field(default=256, metadata={"help": "ordinary prompts that give μ and σ"})
 
     def __post_init__(self) -> None:
@@ -90,46 +122,70 @@ class NeMoConfig(EditorConfig):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"nemo.{k}={v}: must be a finite number > 0")
         if not (math.isfinite(self.theta_min) and self.theta_min >= 0):
-            raise ValueError(f"nemo.theta_min={self.theta_min}: must be a finite number >= 0 (0: every neuron above "
+            raise ValueError(f"nemo.theta_min={self.theta_min}: must be a finite number >= 0 (0: every neuron off "
                              "its mean activation is a candidate)")
         if self.theta_min > self.theta_start:
             raise ValueError(f"nemo.theta_min={self.theta_min} is above nemo.theta_start={self.theta_start}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"nemo.threshold={self.threshold}: a cosine similarity, between -1 and 1")
+        if not -1.0 <= self.ssim_threshold <= 1.0:
+            raise ValueError(f"nemo.ssim_threshold={self.ssim_threshold}: an SSIM, between -1 and 1")
         for k in ("seeds", "sample_steps", "reference_prompts"):
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"nemo.{k}={v!r}: must be an integer >= 1")
-        if self.statistic not in STATISTICS:
-            raise ValueError(f"nemo.statistic={self.statistic!r}: must be one of {', '.join(STATISTICS)}")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"nemo.similarity={self.similarity!r}: must be one of {', '.join(SIMILARITIES)}")
+        if self.check == "noise" and self.seeds < 2:
+            raise ValueError(f"nemo.seeds={self.seeds}: check noise compares seeds with each other, give >= 2")
+        for k, allowed in (("check", CHECKS), ("statistic", STATISTICS), ("similarity", SIMILARITIES),
+                           ("layers", LAYERS), ("tokens", TOKENS), ("on_failure", ON_FAILURE)):
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"nemo.{k}={getattr(self, k)!r}: must be one of {', '.join(allowed)}")
+
+    @property
+    def removed_below(self) -> float:
+        """The check's threshold: the memorisation counts as removed when the score is below it."""
+        return self.ssim_threshold if self.check == "noise" else self.threshold
 
 
 # ---------------------------------------------------------------------------- activations and z-scores
-def value_layers(unet) -> dict[str, torch.nn.Linear]:
-    """Name -> module of every cross-attention value projection (``attn2.to_v``)."""
+def value_layers(unet, which: str = "all") -> dict[str, torch.nn.Linear]:
+    """Name -> module of the cross-attention value projections (``attn2.to_v``): every one
+    (``which="all"``) or those of the down and mid blocks (``"down_mid"``, the official search's)."""
+    if which not in LAYERS:
+        raise ValueError(f"layers={which!r}: must be one of {', '.join(LAYERS)}")
     out = {n: m for n, m in unet.named_modules() if n.endswith("attn2.to_v") and isinstance(m, torch.nn.Linear)}
     if not out:
         raise ValueError("the model has no cross-attention value projections named '*attn2.to_v'; NeMo needs a "
                          "diffusers UNet2DConditionModel")
+    if which == "down_mid":
+        out = {n: m for n, m in out.items() if n.startswith(("down_blocks.", "mid_block."))}
+        if not out:
+            raise ValueError("the model has no cross-attention value layers in its down or mid blocks; use "
+                             "nemo.layers: all")
     return out
 
 
 @torch.no_grad()
-def value_activations(adapter, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Per value layer ``(P, d_out)``: ``a_j(p) = mean_t |(W_v c_t)_j|`` over each prompt's tokens up to
-    and including its first EOS (``c_t``: the cross-attention input, :meth:`token_embeddings`)."""
-    layers = value_layers(adapter.unet)
+def value_activations(adapter, prompts: list[str], batch_size: int = 64, layers: str = "all",
+                      tokens: str = "all") -> dict[str, torch.Tensor]:
+    """Per value layer ``(P, d_out)``: ``a_j(p) = mean_t |(W_v c_t + b)_j|`` over every position of the
+    padded sequence (``tokens="all"``) or the prompt's tokens up to and including its first EOS
+    (``"prompt"``); ``c_t``: the cross-attention input, :meth:`token_embeddings`."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens={tokens!r}: must be one of {', '.join(TOKENS)}")
+    mods = value_layers(adapter.unet, layers)
     eos = adapter.tokenizer.eos_token_id
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
     for s in range(0, len(prompts), batch_size):
         ids = adapter.tokenize(list(prompts[s:s + batch_size]))  # (B, T)
         emb = adapter.token_embeddings(ids).float()  # (B, T, d)
-        is_eos = (ids == eos).long()
-        keep = ((is_eos.cumsum(-1) - is_eos) == 0).to(emb)  # (B, T): up to and including the first EOS
-        for n, lin in layers.items():
-            v = (emb @ lin.weight.float().T).abs()  # (B, T, d_out)
+        if tokens == "all":
+            keep = torch.ones(ids.shape, dtype=emb.dtype, device=emb.device)
+        else:
+            is_eos = (ids == eos).long()
+            keep = ((is_eos.cumsum(-1) - is_eos) == 0).to(emb)  # (B, T): up to and including the first EOS
+        for n, lin in mods.items():
+            v = F.linear(emb, lin.weight.float(), None if lin.bias is None else lin.bias.float()).abs()  # (B, T, d_out)
             out[n].append((v * keep[..., None]).sum(1) / keep.sum(1, keepdim=True))  # (B, d_out)
     return {n: torch.cat(v) for n, v in out.items()}
 
@@ -147,8 +203,20 @@ def z_scores(acts: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) 
 
 
 def outliers(z: dict[str, torch.Tensor], theta: float) -> Neurons:
-    """Neurons with ``z > θ`` for one prompt (``z``: per layer ``(d_out,)``)."""
-    return {n: [int(j) for j in torch.nonzero(v > theta).flatten()] for n, v in z.items() if bool((v > theta).any())}
+    """Neurons with ``|z| > θ`` for one prompt (``z``: per layer ``(d_out,)``)."""
+    return {n: [int(j) for j in torch.nonzero(v.abs() > theta).flatten()] for n, v in z.items()
+            if bool((v.abs() > theta).any())}
+
+
+def candidates(z: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], theta: float, k: int) -> Neurons:
+    """The initial selection's candidates at ``(θ, k)`` for one prompt: ``|z| > θ`` plus each layer's
+    ``k`` neurons of highest activation (``z``, ``acts``: per layer ``(d_out,)``)."""
+    out = outliers(z, theta)
+    if k > 0:
+        for n, a in acts.items():
+            top = torch.topk(a, min(k, a.shape[0])).indices.tolist()
+            out[n] = sorted(set(out.get(n, [])) | {int(j) for j in top})
+    return {n: sorted(v) for n, v in out.items() if v}
 
 
 def count(neurons: Neurons) -> int:
@@ -198,44 +266,106 @@ def deactivate(adapter, neurons: Neurons) -> list[str]:
     return edited
 
 
-def search_neurons(z: dict[str, torch.Tensor], is_memorised: Callable[[Neurons], bool], cfg: NeMoConfig) -> dict:
-    """NeMo's search for one memorised prompt (z: per layer ``(d_out,)``; ``is_memorised(neurons)``:
-    is the prompt still memorised with those neurons deactivated?).
+def search_neurons(z: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], score: Callable[[Neurons], float],
+                   cfg: NeMoConfig) -> dict:
+    """NeMo's search for one memorised prompt (``z``, ``acts``: per layer ``(d_out,)``; ``score(neurons)``:
+    the memorisation score with those neurons deactivated; removed when below ``cfg.removed_below``).
 
-    Returns ``{"neurons", "theta", "initial", "checks"}``; ``neurons`` is empty when no threshold
-    down to ``theta_min`` removes the memorisation (``theta`` is then None)."""
-    checks = 0
-    theta, sel = cfg.theta_start, None
-    while theta >= cfg.theta_min - 1e-9:
-        cand = outliers(z, theta)
+    Returns ``{"neurons", "theta", "k", "initial", "removed", "score", "checks"}``: ``removed`` says
+    whether the initial selection reached the threshold; when it did not, ``on_failure: keep``
+    refines the last set against its own score and ``drop`` returns no neurons."""
+    checks, threshold = 0, cfg.removed_below
+    theta, k, sel, s = cfg.theta_start, 0, {}, math.inf
+    removed = False
+    while True:
+        cand = candidates(z, acts, theta, k if cfg.top_k else 0)
         if cand:
+            sel, s = cand, score(cand)
             checks += 1
-            if not is_memorised(cand):
-                sel = cand
+            if s < threshold:
+                removed = True
                 break
-        theta = round(theta - cfg.theta_step, 10)
-    if sel is None:
-        return {"neurons": {}, "theta": None, "initial": 0, "checks": checks}
+        nxt = round(theta - cfg.theta_step, 10)
+        if nxt < cfg.theta_min - 1e-9:
+            break
+        theta, k = nxt, k + 1
+    if not sel or (not removed and cfg.on_failure == "drop"):
+        return {"neurons": {}, "theta": None if not removed else theta, "k": k, "initial": count(sel),
+                "removed": removed, "score": None if not sel else round(float(s), 4), "checks": checks}
+    if not removed:
+        threshold = s  # official: refine against the score the largest set reached
     initial = count(sel)
     if cfg.refine:
         for n in list(sel):  # whole layers back on
-            trial = {k: v for k, v in sel.items() if k != n}
+            trial = {q: v for q, v in sel.items() if q != n}
             if trial:
                 checks += 1
-                if not is_memorised(trial):
+                if score(trial) < threshold:
                     sel = trial
         for n in list(sel):  # single neurons back on
             for j in list(sel[n]):
-                trial = {k: [i for i in v if not (k == n and i == j)] for k, v in sel.items()}
-                trial = {k: v for k, v in trial.items() if v}
+                trial = {q: [i for i in v if not (q == n and i == j)] for q, v in sel.items()}
+                trial = {q: v for q, v in trial.items() if v}
                 if trial:
                     checks += 1
-                    if not is_memorised(trial):
+                    if score(trial) < threshold:
                         sel = trial
-    return {"neurons": sel, "theta": theta, "initial": initial, "checks": checks}
+    return {"neurons": sel, "theta": theta, "k": k, "initial": initial, "removed": removed,
+            "score": round(float(s), 4), "checks": checks}
 
 
-# ---------------------------------------------------------------------------- near-copy similarity
+# ---------------------------------------------------------------------------- the noise check (the paper's)
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+    """Per item ``(B,)``: the mean SSIM of ``a``, ``b`` ``(B, C, H, W)`` (Wang et al. 2004; Gaussian window
+    ``window`` wide, at most the image's size, odd; valid positions only; ``K1 = 0.01``, ``K2 = 0.03``)."""
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+    w = min(window, a.shape[-1], a.shape[-2])
+    w -= 1 - w % 2
+    g = torch.exp(-((torch.arange(w, dtype=torch.float64) - (w - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = (g / g.sum()).float()
+    kern = (g[:, None] * g[None, :]).expand(a.shape[1], 1, w, w).to(a)  # (C, 1, w, w)
+
+    def blur(x):
+        return F.conv2d(x, kern, groups=a.shape[1])
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def first_step_noise_diff(adapter, prompt: str, seeds: list[int], steps: int = 20) -> torch.Tensor:
+    """``(S, C, h, w)``: for each seed's start noise ``x_T`` (as :meth:`sample` draws it), the first DDIM
+    step's conditional prediction minus the noise, ``ε_θ(x_T, c) − x_T``, min-max scaled to [0, 1] per
+    image and channel (the paper's memorisation signal)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(adapter.scheduler.config)
+    ddim.set_timesteps(steps)
+    cond = adapter.encode_prompts(adapter.tokenize([prompt]))
+    x = torch.stack([torch.randn(adapter.noise_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = x.to(adapter.device, cond.dtype) * ddim.init_noise_sigma  # (S, C, h, w)
+    t = torch.full((len(seeds),), int(ddim.timesteps[0]), device=adapter.device, dtype=torch.long)
+    d = (adapter.noise_pred(x, t, cond.expand(len(seeds), *cond.shape[1:])) - x).float()
+    lo, hi = d.amin(dim=(2, 3), keepdim=True), d.amax(dim=(2, 3), keepdim=True)
+    return (d - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def max_pairwise_ssim(d: torch.Tensor) -> torch.Tensor:
+    """``(S,)``: for each seed the highest SSIM of its noise difference with another seed's."""
+    n = d.shape[0]
+    i, j = torch.triu_indices(n, n, 1)
+    s = ssim(d[i], d[j])
+    best = torch.full((n,), -math.inf)
+    for a, b, v in zip(i.tolist(), j.tolist(), s.tolist()):
+        best[a], best[b] = max(best[a], v), max(best[b], v)
+    return best
+
+
+# ---------------------------------------------------------------------------- the sample check
 def near_copy_similarity(images: np.ndarray, target: np.ndarray, judge=None) -> np.ndarray:
     """``(N,)`` cosine similarities of N uint8 images ``(N, S, S, 3)`` to one training image ``(S, S, 3)``:
     of the mean-centred pixels, or of the judge's penultimate features when ``judge`` is given."""
@@ -285,26 +415,48 @@ def reference_captions(data, n: int, exclude: set[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the editor
+def prompt_check(adapter, caption: str, image: np.ndarray, cfg: NeMoConfig, judge=None) -> tuple[dict, Callable]:
+    """The memorisation check of one prompt -> ``(record, score)``: ``record["memorised"]`` and its
+    numbers; ``score(neurons)`` is the score with those neurons masked (removed when below
+    ``cfg.removed_below``)."""
+    seeds = list(range(cfg.seeds))
+    if cfg.check == "sample":
+        def sample_score(neurons, seeds=seeds):
+            with mask_value_neurons(adapter, neurons):
+                return memorisation_score(adapter, caption, image, seeds, cfg.sample_steps, cfg.guidance, judge,
+                                          cfg.statistic)
+
+        s0 = sample_score({})
+        return {"memorised": s0 >= cfg.threshold, "score": round(s0, 4)}, sample_score
+    d0 = first_step_noise_diff(adapter, caption, seeds, cfg.sample_steps)
+    pair = max_pairwise_ssim(d0)
+    keep = pair > cfg.ssim_threshold  # the seeds whose first-step prediction is memorised
+    rec = {"memorised": bool(keep.any()), "pairwise_ssim": round(float(pair.max()), 4),
+           "memorised_seeds": int(keep.sum())}
+    mem_seeds = [s for s, k in zip(seeds, keep.tolist()) if k]
+
+    def noise_score(neurons):
+        with mask_value_neurons(adapter, neurons):
+            d = first_step_noise_diff(adapter, caption, mem_seeds, cfg.sample_steps)
+        return float(ssim(d0[keep], d).max())
+
+    return rec, noise_score
+
+
 def find_memorisation_neurons(adapter, captions: list[str], images: np.ndarray, reference: list[str],
                               cfg: NeMoConfig, judge=None) -> dict:
     """Run NeMo's search for every memorised caption -> ``{"per_prompt": [...], "neurons": union}``."""
-    z_all = z_scores(value_activations(adapter, captions), value_activations(adapter, reference))
-    seeds = list(range(cfg.seeds))
+    acts = value_activations(adapter, captions, layers=cfg.layers, tokens=cfg.tokens)
+    z_all = z_scores(acts, value_activations(adapter, reference, layers=cfg.layers, tokens=cfg.tokens))
     per, union = [], {}
     for i, (cap, img) in enumerate(zip(captions, images)):
-        score0 = memorisation_score(adapter, cap, img, seeds, cfg.sample_steps, cfg.guidance, judge, cfg.statistic)
-
-        def is_mem(neurons, cap=cap, img=img):
-            with mask_value_neurons(adapter, neurons):
-                return memorisation_score(adapter, cap, img, seeds, cfg.sample_steps, cfg.guidance,
-                                          judge, cfg.statistic) >= cfg.threshold
-
-        if score0 < cfg.threshold:
-            per.append({"caption": cap, "memorised": False, "score": round(score0, 4)})
+        rec, score = prompt_check(adapter, cap, img, cfg, judge)
+        rec = {"caption": cap, **rec}
+        if not rec["memorised"]:
+            per.append(rec)
             continue
-        r = search_neurons({n: z[i] for n, z in z_all.items()}, is_mem, cfg)
-        per.append({"caption": cap, "memorised": True, "score": round(score0, 4), "theta": r["theta"],
-                    "initial": r["initial"], "neurons": r["neurons"], "checks": r["checks"]})
+        r = search_neurons({n: z[i] for n, z in z_all.items()}, {n: a[i] for n, a in acts.items()}, score, cfg)
+        per.append({**rec, **r})
         for n, idx in r["neurons"].items():
             union[n] = sorted(set(union.get(n, [])) | set(idx))
     return {"per_prompt": per, "neurons": union}
@@ -315,7 +467,7 @@ class NeMo(Editor):
     their rows of ``attn2.to_v`` in place (nothing else changes)."""
 
     name = "nemo"
-    full_parameters = "it reads the activations of every cross-attention value layer and zeroes rows of their weights"
+    full_parameters = "it reads the activations of the cross-attention value layers and zeroes rows of their weights"
     Config = NeMoConfig
     paper = PAPER
     modalities = ("image",)
@@ -329,7 +481,7 @@ class NeMo(Editor):
                              "memorised.safetensors (python scripts/memorisation.py writes one)")
         captions, images = load_memorised(cfg.memorised)
         judge = getattr(data, "judge", None) if cfg.similarity == "judge" else None
-        if cfg.similarity == "judge" and judge is None:
+        if cfg.check == "sample" and cfg.similarity == "judge" and judge is None:
             raise ValueError("nemo.similarity=judge but the data carries no judge; use similarity: pixel")
         t0 = time.perf_counter()
         ref = reference_captions(data, cfg.reference_prompts, set(captions))
@@ -344,6 +496,7 @@ class NeMo(Editor):
         return EditResult(adapter=adapter, info=info)
 
 
-__all__ = ["NeMo", "NeMoConfig", "PAPER", "deactivate", "find_memorisation_neurons", "load_memorised",
-           "mask_value_neurons", "memorisation_score", "near_copy_similarity", "outliers", "search_neurons",
-           "value_activations", "value_layers", "z_scores"]
+__all__ = ["NeMo", "NeMoConfig", "PAPER", "candidates", "deactivate", "find_memorisation_neurons",
+           "first_step_noise_diff", "load_memorised", "mask_value_neurons", "max_pairwise_ssim", "memorisation_score",
+           "near_copy_similarity", "outliers", "prompt_check", "search_neurons", "ssim", "value_activations",
+           "value_layers", "z_scores"]
