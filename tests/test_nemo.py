@@ -283,3 +283,35 @@ def test_memorise_trains_only_its_group_keeps_flags_and_stops_on_nan(make_image_
     with pytest.raises(FloatingPointError, match=r"memorise at step 1; lower --lr: non-finite loss \(nan\)"):
         script.memorise(ad, world, caps, imgs, steps=1, batch_size=4, memorised_per_batch=2)
     assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags
+
+
+def test_the_editor_zeroes_the_union_it_reports(tiny, tmp_path):
+    """NeMo.apply on a memorised directory: every neuron of the reported union has its row zeroed, no
+    other parameter changes, and the per-prompt record carries the search's numbers."""
+    from types import SimpleNamespace
+
+    ad, _ = tiny
+    ad = ad.reference()
+    img = ad.sample(["dotted cross yellow"], seed=0, steps=3)
+    _script().write_memorised(tmp_path, ["dotted cross yellow"], img)
+    data = SimpleNamespace(retain=[{"caption": c} for c in ("a red circle", "a blue square", "a green cross")],
+                           forget=[{"caption": "a red square"}])
+    before = {n: p.detach().clone() for n, p in ad.model.named_parameters()}
+    cfg = NeMoConfig(memorised=str(tmp_path), seeds=3, sample_steps=3, ssim_threshold=-1.0, layers="all")
+    r = NeMo(cfg).apply(ad, data, EditContext(settings=TrainSettings(), progress=False))
+    info = r.info
+    (rec,) = info["per_prompt"]
+    assert rec["caption"] == "dotted cross yellow" and rec["memorised"] and rec["memorised_seeds"] == 3
+    # with ssim_threshold -1 nothing counts as removed: the largest set (θ = 1, k = 16) is kept and refined
+    assert rec["removed"] is False and rec["theta"] == 1.0 and rec["k"] == 16 and rec["checks"] >= 17
+    assert info["n_neurons"] == sum(len(v) for v in info["neurons"].values()) > 0
+    assert info["reference_prompts"] == 4
+    layers = value_layers(ad.unet)
+    for n, p in ad.model.named_parameters():
+        layer = n[len("unet."):-len(".weight")]
+        if layer in info["neurons"]:
+            rows = torch.zeros(p.shape[0], dtype=torch.bool)
+            rows[info["neurons"][layer]] = True
+            assert (p[rows] == 0).all() and torch.equal(p[~rows], before[n][~rows]) and layer in layers
+        else:
+            assert torch.equal(p, before[n]), n
