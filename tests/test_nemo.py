@@ -1,6 +1,7 @@
 """NeMo (unlearn/editors/nemo.py): activations, z-scores and SSIM by hand, the search (|z| and top-k)
-finds exactly the planted neurons, the noise check is the first step's prediction, masking equals zeroing the rows and only those rows change, the memorised-pairs
-files (scripts/memorisation.py) and the checked settings."""
+finds exactly the planted neurons, the noise check is the first step's prediction, masking equals
+zeroing the rows and only those rows change, the editor zeroes the union it reports, the
+memorised-pairs files (scripts/memorisation.py) and the checked settings."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 
 from unlearn.adapters.base import ImageModel
 from unlearn.adapters.image import images_to_tensor
-from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step
+from unlearn.editors.base import EditContext, Editor, EditorConfig, EditResult, optimizer_step, restoring_train_state
 from unlearn.editors.uce import UCEConfig, cross_attention_kv, uce_closed_form, uce_edit_unet, uce_factor
 from unlearn.tasks.visual_task import concept_value
 from unlearn.trainer import TrainLog
@@ -332,52 +332,47 @@ class MACE(Editor):
         # 2. one LoRA per concept on the refined K/V
         n_t = adapter.scheduler.config.num_train_timesteps
         tw = importance_weights(n_t) if cfg.importance_sampling else torch.ones(n_t, dtype=torch.float64)
-        flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
-        unet_was_training = unet.training
         log = TrainLog(seed=ctx.seed)
         deltas: list[dict[str, torch.Tensor]] = []
         rec = _AttentionMaps(unet)
-        try:
-            for p in adapter.model.parameters():
-                p.requires_grad_(False)
-            for ci, s in enumerate(sets):
-                regions = self._regions(adapter, rec, s, tw, gen) if cfg.region == "attention" else None
-                lora = {}
-                for n, lin in layers.items():
-                    lora[n] = _LowRank(*lin.weight.shape, cfg.rank, gen, lin.weight)
-                    parametrize.register_parametrization(lin, "weight", lora[n])
-                params = [p for m in lora.values() for p in m.parameters()]
-                opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
-                unet.train()
-                losses = []
-                try:
-                    for it in range(steps):
-                        b = [rng.randrange(len(s["x0"])) for _ in range(min(cfg.batch_size, len(s["x0"])))]
-                        loss = self._step_loss(adapter, rec, s, b, tw, gen, regions)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"mace: non-finite attention loss at step {it + 1} of concept "
-                                                     f"{s['word']!r}; lower train.lr")
-                        optimizer_step(loss, opt, params, settings.max_grad_norm,
-                                       f"mace at LoRA step {it + 1} of concept {s['word']!r}; lower train.lr")
-                        losses.append(loss.item())
-                        log.steps += 1
-                        log.history.append({"step": log.steps, "concept": s["word"], "loss": round(loss.item(), 6),
-                                            "lr": settings.lr})
-                finally:
-                    deltas.append({n: (m.B @ m.A).detach().clone() for n, m in lora.items()})
+        with restoring_train_state(adapter):  # flags, train/eval modes and gradients back afterwards
+            try:
+                for p in adapter.model.parameters():
+                    p.requires_grad_(False)
+                for ci, s in enumerate(sets):
+                    regions = self._regions(adapter, rec, s, tw, gen) if cfg.region == "attention" else None
+                    lora = {}
                     for n, lin in layers.items():
-                        parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
-                    for n, lin in layers.items():  # the refined weight, exactly
-                        lin.weight.data.copy_(refined[n])
-                        lin.weight.requires_grad_(False)
-                info.setdefault("lora_loss", {})[s["word"]] = {"first": round(losses[0], 6) if losses else None,
-                                                               "last": round(losses[-1], 6) if losses else None}
-        finally:
-            rec.remove()
-            for n, p in adapter.model.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
-            unet.train(unet_was_training)
+                        lora[n] = _LowRank(*lin.weight.shape, cfg.rank, gen, lin.weight)
+                        parametrize.register_parametrization(lin, "weight", lora[n])
+                    params = [p for m in lora.values() for p in m.parameters()]
+                    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
+                    unet.train()
+                    losses = []
+                    try:
+                        for it in range(steps):
+                            b = [rng.randrange(len(s["x0"])) for _ in range(min(cfg.batch_size, len(s["x0"])))]
+                            loss = self._step_loss(adapter, rec, s, b, tw, gen, regions)
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(f"mace: non-finite attention loss at step {it + 1} of concept "
+                                                         f"{s['word']!r}; lower train.lr")
+                            optimizer_step(loss, opt, params, settings.max_grad_norm,
+                                           f"mace at LoRA step {it + 1} of concept {s['word']!r}; lower train.lr")
+                            losses.append(loss.item())
+                            log.steps += 1
+                            log.history.append({"step": log.steps, "concept": s["word"], "loss": round(loss.item(), 6),
+                                                "lr": settings.lr})
+                    finally:
+                        deltas.append({n: (m.B @ m.A).detach().clone() for n, m in lora.items()})
+                        for n, lin in layers.items():
+                            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+                        for n, lin in layers.items():  # the refined weight, exactly
+                            lin.weight.data.copy_(refined[n])
+                            lin.weight.requires_grad_(False)
+                    info.setdefault("lora_loss", {})[s["word"]] = {"first": round(losses[0], 6) if losses else None,
+                                                                   "last": round(losses[-1], 6) if losses else None}
+            finally:
+                rec.remove()
 
         # 3. closed-form fusion of the LoRAs
         with torch.no_grad():

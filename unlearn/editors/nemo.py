@@ -315,7 +315,8 @@ def search_neurons(z: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], sc
 
 
 # ---------------------------------------------------------------------------- the noise check (the paper's)
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
+         data_range: float = 1.0) -> torch.Tensor:
     """Per item ``(B,)``: the mean SSIM of ``a``, ``b`` ``(B, C, H, W)`` (Wang et al. 2004; Gaussian window
     ``window`` wide, at most the image's size, odd; valid positions only; ``K1 = 0.01``, ``K2 = 0.03``)."""
     if a.shape != b.shape or a.dim() != 4:
