@@ -41,6 +41,10 @@ Attacked prompts: the prompts of the forget evaluation splits (``forget_explicit
 ``forget_implicit``; at most ``max_prompts``); other prompts (retain) sample unchanged.
 ``concept_inversion`` changes every prompt that contains the concept word.
 
+SDXL: the token-embedding layers of both text encoders take the soft tokens (a pair of
+embeddings per token, :func:`soft_tokens`), and projections pick the token nearest in both
+tables at once (:func:`token_table`).
+
 Budgets are recorded in the result's settings: ``steps_done`` (optimisation steps or search
 generations), ``tokens`` (adversarial tokens per prompt) and the adversarial prompts
 (``adversarial``: ``{prompt: adversarial prompt}``) or embeddings (``embedding``).
@@ -72,31 +76,52 @@ _EMBED_CAP = 4096  # embeddings larger than this many numbers are summarised, no
 def _check_model(model, name: str) -> None:
     if not hasattr(model, "unet") or not hasattr(model, "text_encoder"):
         raise ValueError(f"{name} needs a text-to-image model (a UNet and a text encoder)")
+    input_layers(model)  # SDXL: the two vocabularies must agree
+
+
+def input_layers(model) -> list[torch.nn.Embedding]:
+    """The token-embedding layers a soft token enters: the text encoder's, and on SDXL also
+    ``text_encoder_2``'s (both read the same token ids, :meth:`ImageAdapter.encode_prompts`)."""
+    layers = [model.text_encoder.get_input_embeddings()]
     if getattr(model, "is_sdxl", False):
-        raise ValueError(f"{name} optimises the input embeddings of one text encoder; SDXL's two encoders are not "
-                         "supported yet (use an SD 1.x / 2.x model or the tiny zoo)")
+        layers.append(model.text_encoder_2.get_input_embeddings())
+        if layers[0].weight.shape[0] != layers[1].weight.shape[0]:
+            raise ValueError(f"SDXL's text encoders have {layers[0].weight.shape[0]} and {layers[1].weight.shape[0]} "
+                             "token embeddings; the optimisation attacks need one shared vocabulary")
+    return layers
 
 
 @contextlib.contextmanager
 def soft_tokens(model, mask: torch.Tensor, embeds: torch.Tensor):
     """Within the block, the text encoder's token-embedding layer outputs ``embeds`` ``(B, T, d_in)``
     at the positions where ``mask`` ``(B, T)`` is True (its own rows elsewhere); gradients flow to
-    ``embeds``. The model is not modified (a forward hook, removed on exit)."""
-    layer = model.text_encoder.get_input_embeddings()
+    ``embeds``. SDXL: ``d_in = d₁ + d₂``, the first ``d₁`` columns enter ``text_encoder``, the rest
+    ``text_encoder_2`` (one soft token is a pair of embeddings, as :func:`token_table`). The model is
+    not modified (forward hooks, removed on exit)."""
+    handles, start = [], 0
+    for layer in input_layers(model):
+        width = layer.weight.shape[1]
 
-    def hook(_module, _inputs, out):
-        return torch.where(mask.to(out.device)[..., None], embeds.to(out.dtype), out)
+        def hook(_module, _inputs, out, sl=slice(start, start + width)):
+            return torch.where(mask.to(out.device)[..., None], embeds[..., sl].to(out.dtype), out)
 
-    handle = layer.register_forward_hook(hook)
+        handles.append(layer.register_forward_hook(hook))
+        start += width
+    if start != embeds.shape[-1]:
+        for h in handles:
+            h.remove()
+        raise ValueError(f"soft token embeddings are {embeds.shape[-1]} wide; the text encoders' inputs take {start}")
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def token_table(model) -> torch.Tensor:
-    """``(V, d_in)``: the text encoder's input token embeddings (detached)."""
-    return model.text_encoder.get_input_embeddings().weight.detach()
+    """``(V, d_in)``: the text encoder's input token embeddings (detached). SDXL: both encoders'
+    tables side by side, ``(V, d₁ + d₂)``, so a projection picks the token nearest in both at once."""
+    return torch.cat([layer.weight.detach() for layer in input_layers(model)], dim=-1)
 
 
 def allowed_tokens(model, banned_words: list[str]) -> torch.Tensor:
@@ -822,5 +847,5 @@ OPTIMISATION_ATTACKS = (UnlearnDiffAtk, P4D, P4DK, RingABell, ConceptInversion)
 
 __all__ = ["UnlearnDiffAtk", "P4D", "P4DK", "RingABell", "ConceptInversion", "TokenAttackConfig", "RingABellConfig",
            "InversionTokenConfig", "P4DConfig", "P4DKConfig", "OPTIMISATION_ATTACKS", "soft_tokens", "nearest_tokens",
-           "prompt_ids",
+           "prompt_ids", "input_layers", "token_table",
            "concept_direction", "genetic_search", "optimise_hard_tokens"]

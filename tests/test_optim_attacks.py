@@ -230,6 +230,49 @@ def test_the_attacks_run_on_a_latent_sd1_pipeline(tmp_path):
         assert att.model.sample([prompt], seed=[1], steps=2).shape == (1, 16, 16, 3)
 
 
+def test_the_attacks_run_on_a_tiny_sdxl_pipeline(tmp_path):
+    """SDXL: a soft token is a pair of embeddings (text_encoder's 16 + text_encoder_2's 32 columns), each
+    entering its own encoder; the projection picks one token id for both; the five attacks run."""
+    from test_latent_pipelines import build_sdxl
+
+    from unlearn.evaluators.optim_attacks import soft_tokens, token_table
+    from unlearn.models import load_model
+    from unlearn.tasks.visual_task import load_visual
+    from unlearn.tasks.visual_world import build_visual_world
+    from unlearn.zoo.build_t2i import world_tokenizer
+
+    build_sdxl(tmp_path / "sdxl", world_tokenizer(build_visual_world(), 24))
+    erased, original = load_model(str(tmp_path / "sdxl"), "image"), load_model(str(tmp_path / "sdxl"), "image")
+    assert erased.is_sdxl
+    table = token_table(erased)
+    e1, e2 = erased.text_encoder.get_input_embeddings().weight, erased.text_encoder_2.get_input_embeddings().weight
+    assert table.shape == (e1.shape[0], 16 + 32) and torch.equal(table[:, :16], e1) and torch.equal(table[:, 16:], e2)
+    # a soft token that is exactly token 7's pair of embeddings conditions like token 7 itself
+    ids = erased.tokenize(["a red circle"])
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    mask[0, 2] = True
+    with torch.no_grad(), soft_tokens(erased, mask, table[7].expand(1, ids.shape[1], -1)):
+        soft = erased.encode_prompts(ids)
+    hard = ids.clone()
+    hard[0, 2] = 7
+    with torch.no_grad():
+        torch.testing.assert_close(soft, erased.encode_prompts(hard))
+    with pytest.raises(ValueError, match="soft token embeddings are 16 wide; the text encoders' inputs take 48"):
+        with soft_tokens(erased, mask, table[:1, :16].expand(1, ids.shape[1], -1)):
+            pass
+    data = load_visual()
+    prompt = data.eval_splits["forget_explicit"][0]["prompt"]
+    for name, params in (("unlearndiffatk", {"steps": 2, "tokens": 2, "max_prompts": 2}),
+                         ("p4d", {"steps": 2, "tokens": 3, "max_prompts": 2}),
+                         ("p4d_k", {"steps": 2, "max_prompts": 2}),
+                         ("ring_a_bell", {"search": True, "steps": 2, "population": 4, "max_prompts": 2}),
+                         ("concept_inversion", {"steps": 2, "images": 2})):
+        att = make_attack(name, params, modality="image").attacked(erased, original, image_inputs(data))
+        assert att.info["steps_done"] == 2, name
+        assert att.model.sample([prompt], seed=[1], steps=2).shape == (1, 16, 16, 3)
+    assert att.info["embedding"]["shape"] == [48]  # concept inversion learns one pair of embeddings
+
+
 def test_p4d_k_inserts_a_learnt_token_after_every_k_prompt_tokens(zoo_setup):
     from unlearn.evaluators.optim_attacks import inserted_ids
 
