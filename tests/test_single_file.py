@@ -259,3 +259,28 @@ def test_single_file_recipe_end_to_end(single, tmp_path):
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     kv = {n for n in before if ".attn2.to_k." in n or ".attn2.to_v." in n}
     assert changed == kv
+
+
+def test_unlearn_eval_takes_a_single_file(single, tmp_path, capsys):
+    """``unlearn eval <file>.safetensors`` evaluates the single-file model (an image model, the visual
+    task) exactly like its pipeline directory: same fingerprint, same numbers."""
+    from test_latent_pipelines import _recipe
+
+    from unlearn.cli import main
+    from unlearn.evaluation import check_source, evaluate
+    from unlearn.evaluators.image_judge import JudgeConfig, train_judge
+    from unlearn.tasks.visual_world import build_visual_world
+
+    pipe, file = single["sd1"]
+    assert check_source(str(file)) == "image"
+    judge, _ = train_judge(build_visual_world().split("train"), JudgeConfig(epochs=1))
+    judge.save(tmp_path / "judge")
+    rec = _recipe(file, tmp_path / "judge", tmp_path / "run", "uce")
+    over = ["eval.max_items=4"]
+    a, b = evaluate(str(file), recipe=rec, overrides=over, progress=False), evaluate(str(pipe), recipe=rec,
+                                                                                     overrides=over, progress=False)
+    assert a.recipe.task.name == "visual" and a.summary["model"] == b.summary["model"]
+    assert a.metrics["provenance"]["model"]["fingerprint"] == b.metrics["provenance"]["model"]["fingerprint"]
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["eval", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file; give the directory the model was saved in (or a single-file" in capsys.readouterr().err

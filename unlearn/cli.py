@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--resume", action="store_true",
                    help="continue the killed run of output.dir from its last complete checkpoint")
     e = sub.add_parser("eval", help="evaluate a model on a task's suite, without unlearning it")
-    e.add_argument("source", help="zoo:<family>/<name>, a model directory (e.g. a run's checkpoint/) or a hub id")
+    e.add_argument("source", help="zoo:<family>/<name>, a model directory (e.g. a run's checkpoint/), a single-file "
+                                  "Stable Diffusion checkpoint (*.safetensors next to its pipeline's configs) or a hub id")
     e.add_argument("--task", help="the task (see `unlearn list tasks`); default: the recipe's, else the one for the "
                                   "model's modality (an image model: visual), else tofu")
     e.add_argument("--recipe", metavar="FILE",

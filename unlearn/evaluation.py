@@ -72,8 +72,8 @@ def check_source(source: str) -> str | None:
     """Check ``source`` before anything loads; returns its modality when the files tell it.
 
     Raises:
-        ValueError: an empty source, a path that does not exist or is a file, an unknown or
-            unbuilt zoo model.
+        ValueError: an empty source, a path that does not exist or is a file other than a
+            single-file ``*.safetensors`` checkpoint (an image model), an unknown or unbuilt zoo model.
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"model source must be a non-empty string, got {source!r}")
@@ -83,7 +83,10 @@ def check_source(source: str) -> str | None:
             raise ValueError(f"model {source!r} does not exist; give a directory holding a saved model (e.g. a "
                              "run's checkpoint/), a zoo name (zoo:tiny-llama/target) or a hub id")
         if not p.is_dir():
-            raise ValueError(f"model {source!r} is a file; give the directory the model was saved in")
+            if p.suffix.lower() == ".safetensors":  # a single-file Stable Diffusion checkpoint
+                return "image"
+            raise ValueError(f"model {source!r} is a file; give the directory the model was saved in (or a "
+                             "single-file Stable Diffusion checkpoint, *.safetensors next to its pipeline's configs)")
     return source_modality(source)
 
 
@@ -142,7 +145,8 @@ def evaluate(source: str, task: str | None = None, *, recipe=None, overrides: It
 
     Args:
         source: ``zoo:<family>/<name>``, a local directory (a saved model, a run's
-            ``checkpoint/``, a wrapped model with ``wrapper.json``) or a hub id.
+            ``checkpoint/``, a wrapped model with ``wrapper.json``), a single-file Stable
+            Diffusion checkpoint (``*.safetensors`` next to its pipeline's configs) or a hub id.
         task: the task's name (``tofu``, ``tofu_files``, ``visual``, ...). None: the recipe's
             task when ``recipe`` is given, else the task for the model's modality (an image
             model: ``visual``), else ``tofu``.
