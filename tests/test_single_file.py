@@ -220,7 +220,7 @@ def test_single_file_errors_name_the_file_and_the_fix(single, tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"notes.txt.*not a \.safetensors checkpoint"):
         ImageAdapter.load(str(tmp_path / "notes.txt"))
     # an SDXL file beside SD-1.x configs, an SD-1.x file beside SD-2.x configs
-    (sdxl_pipe, sdxl_file), (_, sd1_file), (_, sd2_file) = single["sdxl"], single["sd1"], single["sd2"]
+    (_, sdxl_file), (_, sd1_file), (_, sd2_file) = single["sdxl"], single["sd1"], single["sd2"]
     with pytest.raises(ValueError, match=r"sdxl.safetensors' is an SDXL checkpoint but the configs .* SD 1.x/2.x"):
         ImageAdapter.load(str(sdxl_file), config=str(sd1_file.parent))
     with pytest.raises(ValueError, match=r"cross-attention width 16 but .*unet.config\.json says 32"):
