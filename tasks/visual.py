@@ -209,7 +209,8 @@ class VisualTask(Task):
             raise ValueError(f"recipe key 'model.source' is {src!r}, which does not exist; set it to your pipeline "
                              "directory, e.g. --set model.source=/path/to/stable-diffusion-v1-4 (a diffusers "
                              "snapshot with model_index.json)")
-        return load_model(src, "image", dtype=self.recipe.model.dtype)
+        extra = {"config": self.recipe.model.config} if self.recipe.model.config is not None else {}
+        return load_model(src, "image", dtype=self.recipe.model.dtype, **extra)
 
 
     def prepare(self, data, model) -> None:

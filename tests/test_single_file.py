@@ -196,6 +196,21 @@ def test_config_elsewhere_dtype_and_save(single, tmp_path):
     assert load_model(str(tmp_path / "saved"), "image").fingerprint() == m.fingerprint()
     with pytest.raises(ValueError, match=r"config=.*single-file checkpoints.*drop config"):
         ImageAdapter.load(str(pipe), config=str(file.parent))
+    # the recipe key model.config does the same for a run or an evaluation
+    from test_latent_pipelines import _recipe
+
+    from unlearn.recipe import load_recipe
+
+    rec = _recipe(alone, tmp_path / "no-judge", tmp_path / "run", "uce")
+    r = load_recipe(rec, [f"model.config={file.parent}"])
+    assert r.model.config == str(file.parent)
+    assert r.task.task_class(r, progress=False).load_model().fingerprint() == m.fingerprint()
+    with pytest.raises(ValueError, match=r"has no model_index.json"):
+        r0 = load_recipe(rec)
+        r0.task.task_class(r0, progress=False).load_model()
+    with pytest.raises(ValueError, match=r"model.config.*is for single-file checkpoints and model.source .* is not a "
+                                         r"\*.safetensors file.*drop model.config"):
+        load_recipe(rec, [f"model.source={pipe}", f"model.config={file.parent}"])
 
 
 def test_single_file_errors_name_the_file_and_the_fix(single, tmp_path, monkeypatch):

@@ -75,6 +75,8 @@ class ModelSpec:
     source: str = _opt("zoo:tiny-llama/target", help="zoo:<family>/<name>, a local directory, a hub id, or (image) a "
                        "single-file Stable Diffusion checkpoint (*.safetensors next to its pipeline's configs)")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype while training")
+    config: str | None = _opt(None, help="single-file checkpoints only: the pipeline directory whose configs and "
+                              "tokenizer(s) the file's weights go into (default: the file's own directory)")
     threads: int = _opt(1, help="torch CPU threads")
     device: Literal["auto", "cpu"] = _opt("auto", help="where training runs: auto: the GPU accelerate gives this process "
                                                        "when CUDA is available, else the CPU; cpu: always the CPU")
@@ -87,6 +89,10 @@ class ModelSpec:
         if self.source.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
             raise invalid("source", f"is {self.source!r}, a pickled checkpoint, which is never unpickled here; convert it "
                                     "to .safetensors (or use the model's .safetensors release) and point at that file")
+        if self.config is not None and not self.source.lower().endswith(".safetensors"):
+            raise invalid("config", f"is {self.config!r}, but it is for single-file checkpoints and model.source "
+                                    f"{self.source!r} is not a *.safetensors file: a model directory carries its own "
+                                    "configs; drop model.config")
         cpus = os.cpu_count() or 1
         if not 1 <= self.threads <= cpus:
             raise invalid("threads", f"must be in [1, {cpus}] (the CPUs of this machine), got {self.threads}")
