@@ -97,7 +97,8 @@ def memorised_pairs(world, n: int = 4, words: int = 5, seed: int = 0, size: int 
 
 def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int = 300, batch_size: int = 16,
              memorised_per_batch: int = 4, lr: float = 1e-3, uncond_prob: float = 0.1, seed: int = 0,
-             warmup: int = 20, group: str = "unet", ema: float = 0.99, memorised_uncond_prob: float = 0.0) -> dict:
+             warmup: int = 20, group: str = "unet", ema: float = 0.99, memorised_uncond_prob: float = 0.0,
+             optimizer: str = "adamw") -> dict:
     """Fine-tune the UNet in place: each batch holds ``memorised_per_batch`` copies of the memorised
     (caption, image) pairs (cycled) and world training renders for the rest; the renders' captions
     dropped with ``uncond_prob`` (as in the zoo's training) so classifier-free guidance keeps working,
@@ -106,7 +107,9 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
     model learns to draw them, which no caption-specific neuron can then remove: measured, see
     docs/editors/nemo.md); the lr warms up linearly over ``warmup`` steps. Only the parameter group ``group`` trains; at the end the
     trained weights are replaced by their exponential moving average (decay ``ema``; 0 = off), as
-    the zoo's own training does, which keeps the ordinary prompts' fidelity. Stops with
+    the zoo's own training does, which keeps the ordinary prompts' fidelity. ``optimizer``: ``adamw``
+    (as the zoo's training) or ``sgd`` (momentum 0.9: updates proportional to the gradient, without
+    Adam's per-weight normalisation). Stops with
     ``FloatingPointError`` on a non-finite loss or gradient."""
     from unlearn.editors.base import optimizer_step, restoring_train_state
 
@@ -120,7 +123,10 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
     with restoring_train_state(adapter):
         for n, p in adapter.model.named_parameters():
             p.requires_grad_(n in names)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r}: adamw or sgd")
+        opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
+               else torch.optim.SGD(params, lr=lr, momentum=0.9))
         adapter.model.train()
         for step in range(steps):
             items = [dict(mem[(step * memorised_per_batch + k) % len(mem)]) for k in range(memorised_per_batch)]
@@ -220,6 +226,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=1500, help="fine-tune steps")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--group", default="unet", help="parameter group the fine-tune trains")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="the fine-tune's optimizer")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the fine-tuned weights (0 = off)")
     ap.add_argument("--tiles", type=int, default=4, help="the memorised images are tiles x tiles colour mosaics")
     ap.add_argument("--memorised-uncond-prob", type=float, default=0.0,
@@ -289,7 +296,7 @@ def main(argv=None) -> dict:
         model = target
         res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
                                    memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group,
-                                   ema=a.ema, memorised_uncond_prob=a.memorised_uncond_prob)
+                                   ema=a.ema, memorised_uncond_prob=a.memorised_uncond_prob, optimizer=a.optimizer)
         model.save(out / "model")
     res["memorised"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
                         "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
