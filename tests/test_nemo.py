@@ -279,6 +279,14 @@ def test_memorise_trains_only_its_group_keeps_flags_and_stops_on_nan(make_image_
     changed = {k for k, v in ad.model.state_dict().items() if not torch.equal(before[k], v)}
     assert out["steps"] == 2 and changed and changed <= set(ad.parameter_groups()["cross_attention"])
     assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags and not ad.model["unet"].training
+    before = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    script.memorise(ad, world, caps, imgs, steps=1, batch_size=4, memorised_per_batch=2, group="cross_attention",
+                    ema=0.0, optimizer="sgd")
+    changed = {k for k, v in ad.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and changed <= set(ad.parameter_groups()["cross_attention"])
+    with pytest.raises(ValueError, match="optimizer='adam': adamw or sgd"):
+        script.memorise(ad, world, caps, imgs, steps=1, batch_size=4, memorised_per_batch=2, optimizer="adam")
+    assert {n: p.requires_grad for n, p in ad.model.named_parameters()} == flags
     with torch.no_grad():
         ad.model["unet"].conv_out.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"memorise at step 1; lower --lr: non-finite loss \(nan\)"):
