@@ -174,6 +174,11 @@ def near_copies(adapter, captions, images, seeds: list[int], steps: int, judge) 
     return {**agg, "per_caption": per}
 
 
+def generations(adapter, captions, seeds: list[int], steps: int) -> list[np.ndarray]:
+    """Per seed, the captions' generations ``(N, S, S, 3)`` (one grid column each)."""
+    return [adapter.sample(list(captions), seed=[s] * len(captions), steps=steps) for s in seeds]
+
+
 def fidelity(adapter, world, judge, rows: list[dict], steps: int) -> dict:
     """The judge's accuracy per attribute (and all three) on ``rows`` (each row's prompt and seed) and the
     FID-like distance of those generations to the world's held-out renders (judge features)."""
@@ -261,6 +266,7 @@ def main(argv=None) -> dict:
     from unlearn.editors import EditContext
     from unlearn.editors.nemo import NeMo, NeMoConfig
     from unlearn.evaluators.image_judge import ImageJudge
+    from unlearn.tasks.visual import save_image_grid
     from unlearn.tasks.visual_task import load_visual
     from unlearn.trainer import TrainSettings
     from unlearn.zoo import zoo_path
@@ -285,6 +291,8 @@ def main(argv=None) -> dict:
     print("captions", caps, flush=True)
 
     t0 = time.time()
+    shown = seeds[:4]  # near_copies.png: training image | 4 generations of each model
+    grid = {"target": generations(target, caps, shown, a.sample_steps)}
     res["target"] = {"near_copy": near_copies(target, caps, imgs, seeds, a.sample_steps, judge),
                      "fidelity": fidelity(target, world, judge, rows, a.sample_steps)}
     print("target", json.dumps({k: v for k, v in res["target"]["near_copy"].items() if k != "per_caption"}),
@@ -298,6 +306,7 @@ def main(argv=None) -> dict:
                                    memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group,
                                    ema=a.ema, memorised_uncond_prob=a.memorised_uncond_prob, optimizer=a.optimizer)
         model.save(out / "model")
+    grid["memorised"] = generations(model, caps, shown, a.sample_steps)
     res["memorised"] = {"near_copy": near_copies(model, caps, imgs, seeds, a.sample_steps, judge),
                         "fidelity": fidelity(model, world, judge, rows, a.sample_steps)}
     print("memorise", res["memorise"], flush=True)
@@ -315,6 +324,11 @@ def main(argv=None) -> dict:
     print("nemo", r.info["headline"], flush=True)
     print("after_nemo", json.dumps({k: v for k, v in res["after_nemo"]["near_copy"].items() if k != "per_caption"}),
           res["after_nemo"]["fidelity"], flush=True)
+    grid["after NeMo"] = generations(model, caps, shown, a.sample_steps)
+    save_image_grid(out / "near_copies.png",
+                    [imgs] + [c for k in ("target", "memorised", "after NeMo") for c in grid[k]])
+    print("wrote", out / "near_copies.png", "(rows: captions; columns: training image, then 4 seeds each of the "
+          "target, the memorised model, the model after NeMo)")
     res["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     print("wrote", out / "results.json", f"({res['seconds']} s)")

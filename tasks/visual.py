@@ -105,11 +105,19 @@ def _curve_point(res: dict[str, Any]) -> dict[str, Any]:
 
 def save_grid(path: Path, rows: list[dict], before: np.ndarray, after: np.ndarray, scale: int = 4) -> None:
     """A PNG: one row per prompt, columns target | erased, each image upscaled ``scale`` x (nearest)."""
-    h, w = before.shape[1:3]
+    save_image_grid(path, [before[:len(rows)], after[:len(rows)]], scale)
+
+
+def save_image_grid(path: Path, columns: list[np.ndarray], scale: int = 4) -> None:
+    """A PNG of uint8 images: column j shows ``columns[j]`` ``(R, S, S, 3)`` top to bottom, each image
+    upscaled ``scale`` x (nearest), 2-pixel white gaps."""
+    if not columns or any(c.shape != columns[0].shape for c in columns):
+        raise ValueError("save_image_grid needs columns of one shape (R, S, S, 3)")
+    n, h, w = columns[0].shape[:3]
     pad = 2
-    img = np.full((len(rows) * (h * scale + pad) + pad, 2 * (w * scale + pad) + pad, 3), 255, np.uint8)
-    for i in range(len(rows)):
-        for j, src in enumerate((before, after)):
+    img = np.full((n * (h * scale + pad) + pad, len(columns) * (w * scale + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        for j, src in enumerate(columns):
             y, x = pad + i * (h * scale + pad), pad + j * (w * scale + pad)
             img[y: y + h * scale, x: x + w * scale] = src[i].repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(img).save(path)

@@ -324,3 +324,22 @@ def test_the_editor_zeroes_the_union_it_reports(tiny, tmp_path):
             assert (p[rows] == 0).all() and torch.equal(p[~rows], before[n][~rows]) and layer in layers
         else:
             assert torch.equal(p, before[n]), n
+
+
+def test_the_image_grid_places_each_column(tmp_path):
+    """save_image_grid (the memorisation script's near_copies.png): column j, row i holds image i of
+    column j, upscaled, with white gaps; columns of different shapes are refused."""
+    from PIL import Image
+
+    from unlearn.tasks.visual import save_image_grid
+
+    a = np.zeros((2, 3, 3, 3), np.uint8)
+    b = np.full((2, 3, 3, 3), 100, np.uint8)
+    b[1] = 200
+    save_image_grid(tmp_path / "g.png", [a, b], scale=2)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    assert g.shape == (2 * (6 + 2) + 2, 2 * (6 + 2) + 2, 3)
+    assert (g[2:8, 2:8] == 0).all() and (g[2:8, 10:16] == 100).all() and (g[10:16, 10:16] == 200).all()
+    assert (g[0:2] == 255).all() and (g[:, 8:10] == 255).all()
+    with pytest.raises(ValueError, match="columns of one shape"):
+        save_image_grid(tmp_path / "h.png", [a, b[:1]])
