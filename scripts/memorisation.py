@@ -109,14 +109,16 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
     trained weights are replaced by their exponential moving average (decay ``ema``; 0 = off), as
     the zoo's own training does, which keeps the ordinary prompts' fidelity. ``optimizer``: ``adamw``
     (as the zoo's training) or ``sgd`` (momentum 0.9: updates proportional to the gradient, without
-    Adam's per-weight normalisation). Stops with
+    Adam's per-weight normalisation). ``group="all"``: every parameter (the text encoder too, as
+    the zoo's own training). Stops with
     ``FloatingPointError`` on a non-finite loss or gradient."""
     from unlearn.editors.base import optimizer_step, restoring_train_state
 
     train = world.split("train")
     rng = random.Random(f"memorise-{seed}")
     mem = [{"image": img, "caption": c, "image_seed": 10_000 + i} for i, (c, img) in enumerate(zip(captions, images))]
-    names = set(adapter.parameter_groups()[group])
+    names = ({n for n, _ in adapter.model.named_parameters()} if group == "all"
+             else set(adapter.parameter_groups()[group]))
     params = [p for n, p in adapter.model.named_parameters() if n in names]
     avg = [p.detach().clone() for p in params]
     losses, t0 = [], time.time()
@@ -148,6 +150,20 @@ def memorise(adapter, world, captions: list[str], images: np.ndarray, steps: int
                 p.copy_(q)
     return {"steps": steps, "seconds": round(time.time() - t0, 1), "loss_first": round(float(np.mean(losses[:10])), 4),
             "loss_last": round(float(np.mean(losses[-10:])), 4)}
+
+
+def fresh_model(target, text_width: int | None = None, seed: int = 0):
+    """A freshly initialised model of ``target``'s architecture (the zoo's ``TinyT2ISpec`` from its
+    manifest; ``text_width`` replaces the text encoder's width) with its tokenizer and scheduler."""
+    from unlearn.adapters.image import ImageAdapter
+    from unlearn.zoo import manifest
+    from unlearn.zoo.image_models import TinyT2ISpec, build_tiny_t2i
+
+    spec = TinyT2ISpec(**manifest("tiny-t2i")["spec"]["model"])
+    if text_width is not None:
+        spec.text_hidden_size = text_width
+    unet, te, sched = build_tiny_t2i(spec, target.tokenizer, seed)
+    return ImageAdapter(unet, te, target.tokenizer, sched, source="memorisation:from-scratch")
 
 
 def write_memorised(out: Path, captions: list[str], images: np.ndarray) -> None:
@@ -232,6 +248,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--group", default="unet", help="parameter group the fine-tune trains")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="the fine-tune's optimizer")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="train a freshly initialised model of the zoo's architecture (every parameter, --group "
+                         "ignored) on the renders with the memorised pairs mixed in, instead of fine-tuning the target")
+    ap.add_argument("--text-width", type=int, default=None,
+                    help="with --from-scratch: the text encoder's width (= the cross-attention input; zoo: 32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the fine-tuned weights (0 = off)")
     ap.add_argument("--tiles", type=int, default=4, help="the memorised images are tiles x tiles colour mosaics")
     ap.add_argument("--memorised-uncond-prob", type=float, default=0.0,
@@ -259,7 +281,7 @@ def main(argv=None) -> dict:
                          "measure the near-copies (how localised the memorisation is)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
     from unlearn.adapters.image import ImageAdapter
@@ -301,9 +323,11 @@ def main(argv=None) -> dict:
         model = ImageAdapter.load(str(Path(a.from_dir) / "model"))
         res["memorise"] = {"from": a.from_dir}
     else:
-        model = target
+        model, group = target, a.group
+        if a.from_scratch:
+            model, group = fresh_model(target, a.text_width, a.seed), "all"
         res["memorise"] = memorise(model, world, caps, imgs, steps=a.steps, batch_size=a.batch_size,
-                                   memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=a.group,
+                                   memorised_per_batch=a.memorised_per_batch, lr=a.lr, seed=a.seed, group=group,
                                    ema=a.ema, memorised_uncond_prob=a.memorised_uncond_prob, optimizer=a.optimizer)
         model.save(out / "model")
     grid["memorised"] = generations(model, caps, shown, a.sample_steps)

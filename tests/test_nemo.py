@@ -343,3 +343,19 @@ def test_the_image_grid_places_each_column(tmp_path):
     assert (g[0:2] == 255).all() and (g[:, 8:10] == 255).all()
     with pytest.raises(ValueError, match="columns of one shape"):
         save_image_grid(tmp_path / "h.png", [a, b[:1]])
+
+
+def test_fresh_model_has_the_zoo_architecture_at_another_text_width():
+    """scripts/memorisation.py --from-scratch: a freshly initialised model of the zoo's architecture,
+    its text encoder (and the cross-attention input) at --text-width."""
+    from unlearn.adapters.image import ImageAdapter
+
+    target = ImageAdapter.load("zoo:tiny-t2i/target")
+    fresh = _script().fresh_model(target, 64)
+    assert fresh.text_encoder.config.hidden_size == 64 and fresh.unet.config.cross_attention_dim == 64
+    assert list(fresh.unet.config.block_out_channels) == list(target.unet.config.block_out_channels)
+    assert fresh.tokenizer is target.tokenizer and fresh.image_size == target.image_size
+    same = _script().fresh_model(target)
+    shapes = {n: p.shape for n, p in same.model.named_parameters()}
+    assert shapes == {n: p.shape for n, p in target.model.named_parameters()}
+    assert not torch.equal(same.unet.conv_in.weight, target.unet.conv_in.weight)  # not the trained weights
