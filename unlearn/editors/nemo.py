@@ -149,8 +149,9 @@ class NeMoConfig(EditorConfig):
 
 # ---------------------------------------------------------------------------- activations and z-scores
 def value_layers(unet, which: str = "all") -> dict[str, torch.nn.Linear]:
-    """Name -> module of the cross-attention value projections (``attn2.to_v``): every one
-    (``which="all"``) or those of the down and mid blocks (``"down_mid"``, the official search's)."""
+    """Name -> module of the cross-attention value projections (``attn2.to_v``), in ``named_modules``
+    order (diffusers: down blocks, up blocks, mid block): every one (``which="all"``) or those of
+    the down and mid blocks (``"down_mid"``, the official search's)."""
     if which not in LAYERS:
         raise ValueError(f"layers={which!r}: must be one of {', '.join(LAYERS)}")
     out = {n: m for n, m in unet.named_modules() if n.endswith("attn2.to_v") and isinstance(m, torch.nn.Linear)}
@@ -295,14 +296,14 @@ def search_neurons(z: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], sc
     if not removed:
         threshold = s  # official: refine against the score the largest set reached
     initial = count(sel)
-    if cfg.refine:
-        for n in list(sel):  # whole layers back on
+    if cfg.refine:  # layers in reverse order, as the official code (down_mid: the mid block first)
+        for n in reversed(list(sel)):  # whole layers back on
             trial = {q: v for q, v in sel.items() if q != n}
             if trial:
                 checks += 1
                 if score(trial) < threshold:
                     sel = trial
-        for n in list(sel):  # single neurons back on
+        for n in reversed(list(sel)):  # single neurons back on
             for j in list(sel[n]):
                 trial = {q: [i for i in v if not (q == n and i == j)] for q, v in sel.items()}
                 trial = {q: v for q, v in trial.items() if v}
