@@ -290,9 +290,9 @@ def search_neurons(z: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], sc
         if nxt < cfg.theta_min - 1e-9:
             break
         theta, k = nxt, k + 1
-    if not sel or (not removed and cfg.on_failure == "drop"):
-        return {"neurons": {}, "theta": None if not removed else theta, "k": k, "initial": count(sel),
-                "removed": removed, "score": None if not sel else round(float(s), 4), "checks": checks}
+    if not sel or (not removed and cfg.on_failure == "drop"):  # here nothing was removed
+        return {"neurons": {}, "theta": None, "k": k, "initial": count(sel), "removed": False,
+                "score": None if not sel else round(float(s), 4), "checks": checks}
     if not removed:
         threshold = s  # official: refine against the score the largest set reached
     initial = count(sel)
