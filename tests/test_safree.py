@@ -12,7 +12,7 @@ import torch
 from unlearn.adapters.image import ImageAdapter
 from unlearn.editors.base import WRAPPER_FILE, EditContext
 from unlearn.editors.safree import (SAFREE, SAFREEAdapter, SAFREEConfig, concept_projection, default_keywords,
-                                    filtered_steps, load_safree, project_out, trigger_tokens)
+                                    filtered_steps, load_safree, project_out, reattend, trigger_tokens)
 from unlearn.models import load_model
 from unlearn.tasks.visual_task import load_visual
 from unlearn.tasks.visual_world import VisualWorldConfig
@@ -184,6 +184,105 @@ def test_step_switch_matches_a_hand_written_sampler(base):
     assert np.array_equal(guard2.sample(PROMPTS, seed=2, steps=4),
                           guard2.sample_switched(PROMPTS, f20["embeds"], f20["filtered"], f20["n_steps"], seed=2,
                                                  steps=4))
+
+
+def test_reattend_matches_a_hand_fourier_filter():
+    """Low band (the 2x2 centre of the shifted 6x6 spectrum): a filtered-branch coefficient whose
+    real part is >= the original's is scaled by s (official rule: set to s); the rest is kept."""
+    g = torch.Generator().manual_seed(0)
+    hp, ho = torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 3, 6, 6, generator=g)
+    fp = np.fft.fftshift(np.fft.fft2(hp.numpy().astype(np.float64)), axes=(-2, -1))
+    fo = np.fft.fftshift(np.fft.fft2(ho.numpy().astype(np.float64)), axes=(-2, -1))
+    for rule in ("scale", "official"):
+        want = fp.copy()
+        for r in (2, 3):
+            for c in (2, 3):
+                damp = (fo[..., r, c] - fp[..., r, c]).real <= 0
+                new = fp[..., r, c] * 0.3 if rule == "scale" else np.full_like(fp[..., r, c], 0.3)
+                want[..., r, c] = np.where(damp, new, fp[..., r, c])
+        ref = np.fft.ifft2(np.fft.ifftshift(want, axes=(-2, -1))).real
+        got = reattend(hp, ho, 0.3, threshold=1, rule=rule)
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+    # scale 1, or an original branch stronger everywhere in the band: the features come back unchanged
+    torch.testing.assert_close(reattend(hp, ho, 1.0), hp, rtol=0, atol=1e-5)
+    bump = fp.copy()
+    bump[..., 2:4, 2:4] += 1000.0  # every band coefficient's real part larger on the original branch
+    strong = torch.from_numpy(np.fft.ifft2(np.fft.ifftshift(bump, axes=(-2, -1))).real.astype(np.float32))
+    torch.testing.assert_close(reattend(hp, strong, 0.0), hp, rtol=0, atol=1e-4)
+    # the same map on both branches: its low band (the mean included) is damped
+    assert abs(float(reattend(hp + 5.0, hp + 5.0, 0.0).mean())) < 1e-4
+    with pytest.raises(ValueError, match="one shape"):
+        reattend(hp, ho[:1], 0.5)
+    with pytest.raises(ValueError, match="safree.lra_scales"):
+        SAFREEConfig(lra_scales=[0.9])
+    with pytest.raises(ValueError, match="safree.lra_rule"):
+        SAFREEConfig(lra_rule="freeu")
+
+
+@torch.no_grad()
+def test_latent_reattention_rewrites_the_filtered_rows_skip_features(base):
+    """Inside a switched sample, the skip features up_blocks[0] reads for a filtered row equal
+    reattend(features under the filtered condition, features under the original condition),
+    both taken from plain UNet passes here; the unconditional rows and rows past their filtered
+    steps read their own features unchanged."""
+    cfg = SAFREEConfig(latent_reattention=True, lra_scales=[0.0, 0.0])
+    guard = SAFREEAdapter(base, KEYWORDS, cfg)
+    f = guard.filter(PROMPTS[:2], steps=4)
+    n = 2
+    x = torch.randn(2 * n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.full((2 * n,), 900, dtype=torch.long)
+    uncond = base.encode_prompts(base.tokenize([""])).expand_as(f["embeds"])
+    cond = torch.cat([uncond, f["filtered"]])
+    block = base.unet.up_blocks[0]
+    seen = {}
+
+    def grab(key):
+        def hook(module, args, kwargs):
+            seen[key] = kwargs["res_hidden_states_tuple"][-1].clone()
+        return hook
+
+    for key, c in (("proj", cond), ("orig", torch.cat([uncond, f["embeds"]]))):
+        h = block.register_forward_pre_hook(grab(key), with_kwargs=True)
+        base.noise_pred(x, t, c)
+        h.remove()
+    first = block.resnets[0]
+    got = {}
+    def res_in(module, args):  # the resnet reads cat([hidden, skip]): the skip is the last channels
+        got["res"] = args[0][:, -seen["proj"].shape[1]:].clone()
+
+    h = first.register_forward_pre_hook(res_in)
+    # t_last = each prompt's smallest filtered timestep: at t=900 prompt 0 is still filtered, prompt 1 is past
+    guard._switch = (f["embeds"], torch.tensor([800, 1000]))
+    try:
+        out = guard.noise_pred(x, t, cond)
+    finally:
+        guard._switch = None
+        h.remove()
+    want = seen["proj"].clone()
+    want[3] = seen["orig"][3]  # prompt 1 (row 3) switched back to the original condition
+    want[2] = reattend(seen["proj"][2:3], seen["orig"][2:3], 0.0)[0]
+    torch.testing.assert_close(got["res"], want, rtol=0, atol=1e-5)
+    assert not torch.allclose(want[2], seen["proj"][2], atol=1e-3)  # the filter did something
+    plain = SAFREEAdapter(base, KEYWORDS)
+    plain._switch = (f["embeds"], torch.tensor([800, 1000]))
+    try:
+        ref = plain.noise_pred(x, t, cond)
+    finally:
+        plain._switch = None
+    keep = [0, 1, 3]  # the unconditional rows and the switched-back row
+    torch.testing.assert_close(out[keep], ref[keep], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[2], ref[2], atol=1e-4)
+
+
+def test_latent_reattention_sampling_leaves_untriggered_prompts_alone(base):
+    mixed = ["a striped red circle", "blue"]
+    on = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(latent_reattention=True, lra_scales=[0.0, 0.0]))
+    off = SAFREEAdapter(base, KEYWORDS)
+    a, b = on.sample(mixed, seed=5, steps=3), off.sample(mixed, seed=5, steps=3)
+    assert np.array_equal(a[1], base.sample(mixed, seed=5, steps=3)[1])
+    assert not np.array_equal(a[0], b[0])
+    unit = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(latent_reattention=True, lra_scales=[1.0, 1.0]))
+    assert np.abs(unit.sample(mixed, seed=5, steps=3).astype(int) - b.astype(int)).max() <= 1
 
 
 def test_save_load_roundtrip(base, tmp_path):

@@ -32,8 +32,18 @@ condition are kept. ``sdxl_encoders: both`` (an extension) also projects the ``h
 ``text_encoder``'s own subspaces (its pooled output for the keywords and the masked prompts); the
 trigger tokens stay those of ``text_encoder_2``. β is measured on the projected columns.
 
-Deviations from the official code (see ``docs/editors/safree.md``): the Fourier-domain latent
-re-attention (``-lra``) is left out; the keywords are not also passed as the negative prompt
+5. **Latent re-attention** (``latent_reattention: true``; the official ``-lra``). While a prompt
+   uses its filtered condition, the skip features ``h`` that the UNet's first two decoder blocks
+   read (``up_blocks[0]``, ``up_blocks[1]``, diffusers' FreeU stages) are compared in the Fourier
+   domain with those of the same ``x_t`` under the original condition. In the low band (the
+   ``2τ × 2τ`` centre of the shifted spectrum, ``τ = 1``) a coefficient of the filtered branch is
+   kept where ``Re(F(h_orig) − F(h_proj)) > 0`` and otherwise attenuated, ``s · F(h_proj)``
+   (``s`` = ``lra_scales``, official 0.9 / 0.2); ``lra_rule: official`` replaces it by the constant
+   ``s`` as ``free_lunch_utils.SafeGuard_Low_Fourier_filter`` does.
+
+Deviations from the official code (see ``docs/editors/safree.md``): latent re-attention is
+applied only while the filtered condition is used (the released script's ``-lra`` registers the
+blocks with ``safree=None``, which leaves the features unchanged); the keywords are not also passed as the negative prompt
 (the official script does, which changes the unconditional branch of every prompt); ``up_t`` is
 a share of the sampling steps. A prompt without trigger tokens samples exactly as the target.
 
@@ -61,6 +71,7 @@ from unlearn.tasks.visual_world import _SYNONYMS
 PAPER = ("Yoon, Yu, Patil, Bansal, Chen (2024). SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image "
          "and Video Generation. arXiv:2410.12761")
 SDXL_ENCODERS = ("text_encoder_2", "both")
+LRA_RULES = ("scale", "official")
 
 
 @dataclass
@@ -90,6 +101,16 @@ class SAFREEConfig(EditorConfig):
     mask_token_id: int = field(default=0, metadata={
         "help": "token id that replaces a token when measuring its effect (official: 0, '!' in CLIP's vocabulary; "
                 "'<pad>' in the tiny zoo's)"})
+    latent_reattention: bool = field(default=False, metadata={
+        "help": "latent re-attention (official -lra): while a prompt is filtered, attenuate the low-frequency "
+                "skip features of the first two decoder blocks where the filtered branch's exceed the original's"})
+    lra_scales: list[float] = field(default_factory=lambda: [0.9, 0.2], metadata={
+        "help": "[s1, s2]: attenuation of up_blocks[0] and up_blocks[1] (official --freeu_hyp 1.0-1.0-0.9-0.2)"})
+    lra_threshold: int = field(default=1, metadata={
+        "help": "τ: the low band is the 2τ x 2τ centre of the shifted spectrum (official 1)"})
+    lra_rule: str = field(default="scale", metadata={
+        "help": "scale: s · F(h_proj) (the paper's attenuation); official: the constant s, as the released "
+                "SafeGuard_Low_Fourier_filter writes"})
 
     def __post_init__(self) -> None:
         if self.keywords is not None:
@@ -106,6 +127,14 @@ class SAFREEConfig(EditorConfig):
             raise ValueError(f"safree.sdxl_encoders={self.sdxl_encoders!r}: one of {', '.join(SDXL_ENCODERS)}")
         if self.mask_token_id < 0:
             raise ValueError(f"safree.mask_token_id={self.mask_token_id}: must be a token id (>= 0)")
+        if (isinstance(self.lra_scales, str) or len(self.lra_scales) != 2
+                or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in self.lra_scales)):
+            raise ValueError(f"safree.lra_scales={self.lra_scales!r}: give two scales [s1, s2] in [0, 1]")
+        self.lra_scales = [float(v) for v in self.lra_scales]
+        if self.lra_threshold < 1:
+            raise ValueError(f"safree.lra_threshold={self.lra_threshold}: must be >= 1")
+        if self.lra_rule not in LRA_RULES:
+            raise ValueError(f"safree.lra_rule={self.lra_rule!r}: one of {', '.join(LRA_RULES)}")
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -184,6 +213,35 @@ def filtered_steps(beta: float, up_t: float, k: float = 2.5, t0: float = 5.333) 
 
 
 # ---------------------------------------------------------------------------- the guarded model
+def reattend(h_proj: torch.Tensor, h_orig: torch.Tensor, scale: float, threshold: int = 1,
+             rule: str = "scale") -> torch.Tensor:
+    """SAFREE's latent re-attention of one skip feature map.
+
+    ``h_proj``, ``h_orig`` ``(B, C, H, W)``: the features under the filtered and the original
+    condition (same ``x_t``). With ``F = fftshift(fft2(·))`` and the low band ``L`` = rows and
+    columns ``[H/2 − τ, H/2 + τ)`` × ``[W/2 − τ, W/2 + τ)``: inside ``L``,
+    ``F'(h_proj) = F(h_proj)`` where ``Re(F(h_orig) − F(h_proj)) > 0``, else ``s · F(h_proj)``
+    (``rule="scale"``) or the constant ``s`` (``rule="official"``); outside ``L`` unchanged.
+    Returns ``Re(ifft2(ifftshift(F')))`` ``(B, C, H, W)`` in ``h_proj``'s dtype.
+    """
+    if h_proj.shape != h_orig.shape or h_proj.dim() != 4:
+        raise ValueError(f"reattend needs two (B, C, H, W) maps of one shape, got {tuple(h_proj.shape)} and "
+                         f"{tuple(h_orig.shape)}")
+    if rule not in LRA_RULES:
+        raise ValueError(f"rule={rule!r}: one of {', '.join(LRA_RULES)}")
+    dims = (-2, -1)
+    fp = torch.fft.fftshift(torch.fft.fftn(h_proj.float(), dim=dims), dim=dims)  # (B, C, H, W) complex
+    fo = torch.fft.fftshift(torch.fft.fftn(h_orig.float(), dim=dims), dim=dims)
+    hh, ww = h_proj.shape[-2:]
+    rows = slice(max(hh // 2 - threshold, 0), hh // 2 + threshold)
+    cols = slice(max(ww // 2 - threshold, 0), ww // 2 + threshold)
+    low_p, low_o = fp[..., rows, cols], fo[..., rows, cols]
+    keep = (low_o - low_p).real > 0
+    damped = low_p * scale if rule == "scale" else torch.full_like(low_p, scale)
+    fp[..., rows, cols] = torch.where(keep, low_p, damped)
+    return torch.fft.ifftn(torch.fft.ifftshift(fp, dim=dims), dim=dims).real.to(h_proj.dtype)
+
+
 class SAFREEAdapter(ImageAdapter):
     """An :class:`ImageAdapter` whose :meth:`sample` applies SAFREE's filtering.
 
@@ -335,7 +393,9 @@ class SAFREEAdapter(ImageAdapter):
     def noise_pred(self, x_t, t, cond, model=None):
         """As :meth:`ImageAdapter.noise_pred`; inside a guarded :meth:`sample` call the
         conditional half of the ``[uncond, cond]`` batch switches, per prompt, from the filtered
-        to the original condition once the timestep passes the prompt's last filtered step."""
+        to the original condition once the timestep passes the prompt's last filtered step.
+        With ``latent_reattention`` the rows still filtered get SAFREE's re-attended skip
+        features (:func:`reattend`, against a second pass under the original condition)."""
         if self._switch is not None:
             original, t_last = self._switch  # (B, T, d), (B,) smallest filtered timestep per prompt
             n = original.shape[0]
@@ -345,7 +405,46 @@ class SAFREEAdapter(ImageAdapter):
                     c = cond[n:].clone()
                     c[back] = original[back].to(c.dtype)
                     cond = torch.cat([cond[:n], c])
+                if self.config.latent_reattention and not back.all():
+                    return self._reattended(x_t, t, cond, original, (~back).nonzero().flatten() + n, model)
         return super().noise_pred(x_t, t, cond, model)
+
+    def _reattended(self, x_t, t, cond, original, rows, model=None):
+        """``noise_pred`` of ``[uncond, cond]`` where batch ``rows`` (filtered prompts, offset by
+        the unconditional half) read re-attended skip features in ``up_blocks[0]`` and ``[1]``."""
+        cfg = self.config
+        unet = (model if model is not None else self.model)["unet"]
+        blocks = list(unet.up_blocks)[: len(cfg.lra_scales)]
+        n = original.shape[0]
+        captured: dict[int, tuple] = {}
+
+        def capture(i):
+            def hook(module, args, kwargs):
+                captured[i] = tuple(kwargs["res_hidden_states_tuple"])
+            return hook
+
+        def rewrite(i):
+            def hook(module, args, kwargs):
+                res = []
+                for h, h_orig in zip(kwargs["res_hidden_states_tuple"], captured[i]):
+                    h = h.clone()
+                    h[rows] = reattend(h[rows], h_orig, cfg.lra_scales[i], cfg.lra_threshold, cfg.lra_rule)
+                    res.append(h)
+                return args, {**kwargs, "res_hidden_states_tuple": tuple(res)}
+            return hook
+
+        handles = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:  # the original condition at the same x_t: the reference of the comparison
+            super().noise_pred(x_t[rows], t[rows], original[rows - n].to(cond.dtype), model)
+        finally:
+            for h in handles:
+                h.remove()
+        handles = [b.register_forward_pre_hook(rewrite(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:
+            return super().noise_pred(x_t, t, cond, model)
+        finally:
+            for h in handles:
+                h.remove()
 
     @torch.no_grad()
     def sample_switched(self, prompts: list[str], original: torch.Tensor, filtered: torch.Tensor,
@@ -482,4 +581,4 @@ class SAFREE(Editor):
 
 
 __all__ = ["SAFREE", "SAFREEConfig", "SAFREEAdapter", "load_safree", "concept_projection", "trigger_tokens",
-           "project_out", "filtered_steps", "default_keywords"]
+           "project_out", "filtered_steps", "default_keywords", "reattend"]
