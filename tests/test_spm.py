@@ -35,6 +35,7 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="spm.layers='all': must be one of cross_attention_kv, cross_attention, "
                                          "transformer"):
         SPMConfig(layers="all")
+    assert SPMConfig().floor == "0"  # the official γ = s by default
     with pytest.raises(ValueError, match="spm.floor='1.5': must be 'auto' or a number in"):
         SPMConfig(floor="1.5")
     with pytest.raises(ValueError, match="spm.anchor_batch=0: must be an integer >= 1"):
@@ -89,7 +90,8 @@ def test_training_changes_only_the_adapter_and_it_transfers(data, make_image_ada
     ad = make_image_adapter(data.world, seed=0)
     before = {k: v.clone() for k, v in ad.model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in ad.model.named_parameters()}
-    res = SPM(SPMConfig(layers="cross_attention", ddim_steps=4, anchor_batch=1)).apply(ad, data, _ctx(steps=4))
+    res = SPM(SPMConfig(layers="cross_attention", ddim_steps=4, anchor_batch=1, floor="auto")).apply(ad, data,
+                                                                                                     _ctx(steps=4))
     w = res.adapter
     assert isinstance(w, SPMAdapter) and res.log.steps == 4
     assert all(torch.equal(before[k], v) for k, v in ad.model.state_dict().items())  # the target is untouched
@@ -162,7 +164,7 @@ def test_red_fades_on_the_zoo_and_other_colours_stay():
         return model.sample([r["prompt"] for r in rs], seed=[int(r["seed"]) for r in rs], steps=10)
 
     before, kept_before = 1.0 - concept_erasure(judge, draw(ad, rows), rows), draw(ad, keep)
-    res = SPM(SPMConfig()).apply(ad, d, _ctx(steps=50, lr=5e-2))
+    res = SPM(SPMConfig(floor="auto")).apply(ad, d, _ctx(steps=50, lr=5e-2))
     w = res.adapter
     after = 1.0 - concept_erasure(judge, draw(w, rows), rows)
     assert before >= 0.9 and after <= before - 0.5, (before, after)

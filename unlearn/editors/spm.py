@@ -31,16 +31,17 @@ prompt, η the negative guidance and a anchor prompts (other concepts of the wor
 
 with ``E`` the text encoder's ``(T, d)`` output flattened, ``tok`` the prompt's word tokens
 (special tokens left out) and ``c_k`` the erased prompts. The official code uses ``γ = s``
-(``s₀ = 0``): on Stable Diffusion's CLIP unrelated prompts have a small cosine. The tiny text
-encoders here give every pair of prompts a high cosine, so ``s₀`` (``floor``) is by default the
-highest score of the anchor prompts (``auto``): an anchor-like prompt gets γ = 0, a prompt with
-the concept's word γ = 1, other prompts in between by their similarity. Both branches of
+(``s₀ = 0``, the default here too): on Stable Diffusion's CLIP unrelated prompts have a small
+cosine. ``floor: auto`` (an extension) sets ``s₀`` to the highest score of the anchor prompts: an
+anchor-like prompt gets γ = 0, a prompt with the concept's word γ = 1, other prompts in between
+by their similarity; it is for text encoders that give every pair of prompts a high cosine
+(the tiny zoo's: 0.6–0.9), where ``γ = s`` applies most of the adapter to every prompt. Both branches of
 classifier-free guidance use the prompt's γ (as the official pipeline does). Where only the
 condition is known (:meth:`SPMAdapter.noise_pred` outside sampling, e.g. a relearning attack's
 loss) the cosine term alone gives ``s``.
 
 Deviations from the official code (``docs/editors/spm.md``): x_t comes from the frozen model
-(official: the model being trained); ``floor`` (above); AdamW at the recipe's ``train.lr``;
+(official: the model being trained); ``floor: auto`` (above, optional); AdamW at the recipe's ``train.lr``;
 pixel-space or latent models.
 """
 
@@ -94,9 +95,9 @@ class SPMConfig(EditorConfig):
     sample_guidance: float = field(default=3.0, metadata={"help": "guidance when sampling x_t [3.0]"})
     prompts: str = field(default="concept", metadata={
         "help": "concept: the erase words ('red'); captions: the forget items' explicit captions"})
-    floor: str = field(default="auto", metadata={
-        "help": "s₀ of the prompt-dependent strength: auto (the highest score of the anchor prompts) or a number in "
-                "[0, 1) as a string, e.g. '0' (the official γ = s) [0]"})
+    floor: str = field(default="0", metadata={
+        "help": "s₀ of the prompt-dependent strength: a number in [0, 1) as a string ('0': the official γ = s) or "
+                "auto (the highest score of the anchor prompts: anchor-like prompts get γ = 0) [0]"})
     scaling: str = field(default="facilitated", metadata={
         "help": "facilitated (γ from the prompt, Facilitated Transport) or constant (γ = 1 for every prompt)"})
 
