@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,10 @@ import pytest
 import unlearn
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
-# ESD-x erases only with its full 200 iterations (docs/images.md, method table): no step cap
-FULL_BUDGET = {"i2p-tiny-esd"}
+# these erase only with their full training (10 steps leave erasure at 0.0, measured): no step cap.
+# ESD-x 200 iterations, AdvUnlearn 150, All but One, Concept Ablation and SPM their recipes' own
+FULL_BUDGET = {"i2p-tiny-esd", "i2p-tiny-advunlearn", "i2p-tiny-all-but-one", "i2p-tiny-concept-ablation",
+               "i2p-tiny-spm"}
 # shipped as baselines that do not erase on the tiny visual world (docs/images.md, method table:
 # erasure 0.000 for GradAscent/NPO at lr 3e-4 and for SAFREE at alpha 0.01): for these the
 # test asserts that the images changed and erasure did not fall, not that it rose
@@ -44,7 +47,13 @@ def test_recipe_runs_and_forgetting_moves(path, tmp_path):
     res = unlearn.run(path, overrides=overrides, progress=False)
     s = res.summary
     # the task's forgetting number (forget Prob falls on text tasks, erasure rises on the visual one)
-    forgot, before = res.task.forgetting(s["unlearned"]), res.task.forgetting(s["target"])
+    forgot = res.task.forgetting(s["unlearned"])
+    if "target" not in s:  # eval.compare_target: false (i2p-tiny-uce-attacks): the attacks are what it runs
+        metrics = json.loads((res.run_dir / "metrics.json").read_text())
+        assert metrics.get("attacks"), "a recipe that skips the target's evaluation must run attacks"
+        assert forgot is not None and forgot > 0.5, (res.task.forget_key, forgot)  # and its edit still erases
+        return
+    before = res.task.forgetting(s["target"])
     if path.stem in NO_ERASURE_ON_TINY_WORLD:
         assert forgot >= before, res.task.forget_key
         assert s["unlearned"]["fid_like"] != s["target"]["fid_like"]  # the method changed the images
