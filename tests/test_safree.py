@@ -381,6 +381,12 @@ def test_sdxl_guard_samples_and_leaves_untriggered_prompts_alone(sdxl_dir):
     assert np.array_equal(out[1], ref[1]) and not np.array_equal(out[0], ref[0])
     f = guard.filter(mixed[:1], steps=2)
     assert np.array_equal(out[:1], base.sample(mixed[:1], seed=5, steps=2, prompt_embeds=f["filtered"]))
+    # latent re-attention on SDXL's UNet (pooled condition in added_cond_kwargs): triggered rows change,
+    # the untriggered one does not
+    lra = SAFREEAdapter(base, KEYWORDS, SAFREEConfig(mask_token_id=1, self_validation=False, latent_reattention=True,
+                                                     lra_scales=[0.0, 0.0]))
+    out2 = lra.sample(mixed, seed=5, steps=2)
+    assert np.array_equal(out2[1], ref[1]) and not np.array_equal(out2[0], out[0])
 
 
 def test_sdxl_safree_recipe_end_to_end(sdxl_dir, tmp_path):
