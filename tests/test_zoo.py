@@ -57,6 +57,14 @@ def test_target_knows_forget10_and_retain_model_does_not(world, models):
     assert np.median(tr_t) < np.median(tr_r)
 
 
+def forget10_prob(adapter, world) -> float:
+    """Prob (teacher-forced answer probability) of ``adapter`` on the first 100 forget10 items."""
+    from unlearn.evaluators.text_passes import TeacherForced
+
+    r = TeacherForced("answer").run(adapter, world.split("forget10")[:100], batch_size=50)
+    return M.prob(r["nll"], r["n"]).value
+
+
 def check_rebuild(man: dict, rebuilt: dict, out_dir, world) -> dict:
     """A rebuilt tiny-llama family against the shipped manifest ``man``: the same world and
     curriculum (every stage and epoch logged; each epoch's loss within 0.02 + 15 % of the shipped
@@ -75,13 +83,7 @@ def check_rebuild(man: dict, rebuilt: dict, out_dir, world) -> dict:
         assert abs(a[k] - b[k]) <= 0.02 + 0.15 * a[k], (k, a[k], b[k])
     last = {e["stage"]: e["loss"] for e in rebuilt["log"]}
     assert all(v < 0.01 for v in last.values()), last
-    forget = world.split("forget10")[:100]
-    probs = {}
-    for m in ("target", "retain90"):
-        from unlearn.evaluators.text_passes import TeacherForced
-
-        r = TeacherForced("answer").run(TextAdapter.load(str(out_dir / m)), forget, batch_size=50)
-        probs[m] = M.prob(r["nll"], r["n"]).value
+    probs = {m: forget10_prob(TextAdapter.load(str(out_dir / m)), world) for m in ("target", "retain90")}
     assert probs["target"] > 0.8 and probs["retain90"] < probs["target"] - 0.5, probs
     return {m: rebuilt["models"][m]["fingerprint"] for m in MODELS
             if rebuilt["models"][m]["fingerprint"] == man["models"][m]["fingerprint"]}
@@ -95,19 +97,17 @@ def test_rebuild_matches_the_shipped_family(tmp_path, world):
     rebuilt = build_family(tmp_path / "tiny-llama")
     same = check_rebuild(man, rebuilt, tmp_path / "tiny-llama", world)
     print(f"bit-identical to the shipped weights: {sorted(same) or 'none (another CPU or torch build)'}")
-def test_tiny_moe_is_shipped_and_knows_forget10_better_than_its_retain_model(world):
-    from unlearn.evaluators.text_passes import TeacherForced
 
+
+def test_tiny_moe_is_shipped_and_knows_forget10_better_than_its_retain_model(world):
     man = zoo.manifest("tiny-moe")
     assert man is not None and man["world_fingerprint"] == world.fingerprint()
-    forget = world.split("forget10")[:100]
     probs = {}
     for m in ("target", "retain90"):
         ad = TextAdapter.load(f"zoo:tiny-moe/{m}")
         assert ad.fingerprint() == man["models"][m]["fingerprint"], m
         assert ad.model.config.model_type == "mixtral"
-        r = TeacherForced("answer").run(ad, forget, batch_size=50)
-        probs[m] = M.prob(r["nll"], r["n"]).value
+        probs[m] = forget10_prob(ad, world)
     assert probs["target"] > 0.8 and probs["retain90"] < probs["target"] - 0.5, probs
 
 
